@@ -1,0 +1,32 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make repro   – create/reuse .venv, install the project, run the whole DVC pipeline
+#   make test    – create/reuse .venv, install the project with test extras, run the tests
+# VENV=/path reuses a virtual environment elsewhere.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
+# Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
+PYTEST_ARGS ?=
+
+.PHONY: install install-test repro test clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, cityscapesscripts" 
+	touch $@
+
+install: $(VENV)/.installed
+
+repro: install
+	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+
+test: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf dvc_plots .pytest_cache

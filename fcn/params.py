@@ -1,0 +1,292 @@
+"""params.yaml → typed, validated objects.
+
+Every section is a frozen dataclass; each field carries its constraints in `metadata`.
+`load_params` checks the whole file before any stage does work and reports every problem in
+one message (unknown keys, missing sections, wrong types, out-of-range values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fcn.errors import ParamsError
+
+PARAMS_FILE = "params.yaml"
+
+
+def _p(default: Any, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None, help: str = "") -> Any:
+    """A parameter field: its default and the numeric range it must lie in."""
+    metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Encoding = Literal["labelIds", "labelTrainIds", "color", "instanceIds"]
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str = _p("data/synthetic", help="dataset root in the official Cityscapes layout")
+    generated: str = _p("data/generated", help="where generated masks are written")
+
+
+@dataclass(frozen=True)
+class SynthesizeParams:
+    seed: int = _p(0, ge=0)
+    height: int = _p(128, ge=32, le=1024)
+    width: int = _p(256, ge=32, le=2048)
+    train_cities: list[str] = _p(["aachen", "bochum", "bremen", "cologne"])
+    val_cities: list[str] = _p(["frankfurt", "lindau", "munster"])
+    test_cities: list[str] = _p(["berlin", "bielefeld"])
+    train_per_city: int = _p(24, ge=1)
+    val_per_city: int = _p(6, ge=1)
+    test_per_city: int = _p(4, ge=1)
+
+
+@dataclass(frozen=True)
+class MasksParams:
+    encodings: list[Encoding] = _p(["labelIds", "labelTrainIds", "color", "instanceIds"])
+    workers: int = _p(2, ge=1, help="worker processes")
+    splits: list[Literal["train", "val", "test"]] = _p(["train", "val", "test"])
+    worst: int = _p(10, ge=0, help="images listed in the agreement report")
+    figure_images: int = _p(3, ge=0, help="images shown as provided | generated | difference")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone: Literal["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+                      "vgg19", "vgg19_bn"] = _p("vgg11_bn")
+    weights: str = _p("none", help="'none', 'imagenet' or a path to a backbone state dict")
+    fc67: bool = _p(False, help="fc6/fc7 as convolutions (adds ~245 GMACs at 1024x2048)")
+    fc_channels: int = _p(4096, ge=1)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = _p(0, ge=0)
+    epochs: int = _p(12, ge=1)
+    batch_size: int = _p(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = _p("adamw")
+    lr: float = _p(1e-3, gt=0)
+    momentum: float = _p(0.9, ge=0, lt=1)
+    weight_decay: float = _p(1e-4, ge=0)
+    poly_power: float = _p(0.9, ge=0)
+    warmup_iters: int = _p(0, ge=0)
+    crop: list[int] = _p([128, 128], help="[height, width] of training crops")
+    scale: list[float] = _p([0.75, 1.5], help="[min, max] random rescale factor")
+    flip: bool = _p(True)
+    jitter: float = _p(0.2, ge=0, le=1, help="photometric jitter strength (0 = off)")
+    class_weights: list[float] | None = _p(None, help="19 weights, or null")
+    precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
+    workers: int = _p(0, ge=0, help="DataLoader worker processes")
+    nproc: int = _p(1, ge=1, help="processes for torchrun/DDP")
+    device: Literal["auto", "cpu", "cuda"] = _p("auto")
+    out: str = _p("models", help="checkpoint folder (persisted across runs)")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = _p(2, ge=1)
+    flip_tta: bool = _p(False)
+    samples: int = _p(4, ge=0, help="sample images (image | truth | prediction) in plots")
+    sample_width: int = _p(512, ge=32)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    batch_size: int = _p(2, ge=1)
+    overlays: int = _p(4, ge=0)
+    gif_frames: int = _p(8, ge=0)
+    gif_width: int = _p(512, ge=32)
+    gif_ms_per_frame: int = _p(500, ge=10)
+    out: str = _p("predictions")
+
+
+@dataclass(frozen=True)
+class BenchmarkParams:
+    height: int = _p(1024, ge=32)
+    width: int = _p(2048, ge=32)
+    batch_sizes: list[int] = _p([1])
+    warmup: int = _p(1, ge=0)
+    iters: int = _p(3, ge=1)
+    precisions: list[Precision] = _p(["fp32", "bf16"])
+    channels_last: list[bool] = _p([False, True])
+    compile: list[bool] = _p([False])
+    device: Literal["auto", "cpu", "cuda"] = _p("auto")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    synthesize: SynthesizeParams = field(default_factory=SynthesizeParams)
+    masks: MasksParams = field(default_factory=MasksParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    return isinstance(value, tp)
+
+
+def _range_problem(value: Any, meta: dict[str, Any]) -> str | None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if v != v:  # NaN
+            return "must be a number, got NaN"
+        for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
+                              ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+            bound = meta.get(key)
+            if bound is not None and not op(float(v), float(bound)):
+                return f"must be {word} {bound}, got {v}"
+    return None
+
+
+def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: expected a mapping of parameters, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{name}.{key}: unknown parameter (known: {', '.join(fields)})")
+    values = {}
+    for key, f in fields.items():
+        if key not in raw:
+            continue
+        value, tp = raw[key], hints[key]
+        if not _matches(value, tp):
+            problems.append(f"{name}.{key}: expected {_type_name(tp)}, got {value!r}")
+            continue
+        problem = _range_problem(value, f.metadata)
+        if problem:
+            problems.append(f"{name}.{key}: {problem}")
+            continue
+        if tp is float:
+            value = float(value)
+        elif typing.get_origin(tp) is list and typing.get_args(tp)[0] is float:
+            value = [float(v) for v in value]
+        values[key] = value
+    return cls(**values)
+
+
+def _check_relations(params: Params, problems: list[str]) -> None:
+    """Constraints between fields, which single-field checks cannot express."""
+    t = params.train
+    if len(t.crop) != 2 or min(t.crop, default=0) < 32:
+        problems.append(f"train.crop: expected [height, width], each >= 32, got {t.crop}")
+    if len(t.scale) != 2 or not 0 < t.scale[0] <= t.scale[1]:
+        problems.append(f"train.scale: expected [min, max] with 0 < min <= max, got {t.scale}")
+    if t.class_weights is not None and (
+        len(t.class_weights) != 19 or min(t.class_weights) < 0
+    ):
+        problems.append("train.class_weights: expected 19 non-negative numbers or null, "
+                        f"got {t.class_weights}")
+    s = params.synthesize
+    for split in ("train", "val", "test"):
+        cities = getattr(s, f"{split}_cities")
+        if not cities:
+            problems.append(f"synthesize.{split}_cities: needs at least one city")
+        if len(set(cities)) != len(cities):
+            problems.append(f"synthesize.{split}_cities: cities repeat: {cities}")
+        for city in cities:
+            if not re.fullmatch(r"[a-z0-9]+", city):
+                problems.append(f"synthesize.{split}_cities: city names are lowercase letters "
+                                f"and digits (they are part of Cityscapes file names), got {city!r}")
+    if not params.masks.encodings:
+        problems.append("masks.encodings: choose at least one encoding")
+    if not params.benchmark.batch_sizes or min(params.benchmark.batch_sizes) < 1:
+        problems.append("benchmark.batch_sizes: expected positive integers, got "
+                        f"{params.benchmark.batch_sizes}")
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ParamsError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    for key in raw:
+        if key not in sections:
+            problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
+    hints = typing.get_type_hints(Params)
+    values = {}
+    for name in sections:
+        if name not in raw:
+            problems.append(f"{name}: section missing")
+            continue
+        values[name] = _check_section(name, hints[name], raw[name], problems)
+    params = Params(**values)
+    if not problems:
+        _check_relations(params, problems)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ParamsError(f"{source}: {len(problems)} invalid parameter(s):\n{listing}")
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (yaml.safe_load; never executes YAML tags)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))
+
+
+def params_hash(*sections: Any) -> str:
+    """A stable hash of parameter sections, e.g. to refuse resuming under other params."""
+    blob = json.dumps([dataclasses.asdict(s) for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_params_dict() -> dict[str, Any]:
+    """The defaults as plain data (what a fresh params.yaml holds)."""
+    return dataclasses.asdict(Params())

@@ -1,0 +1,134 @@
+"""params.yaml validation: every kind of problem is reported clearly, all at once."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fcn.errors import ParamsError
+from fcn.params import Params, default_params_dict, load_params, params_hash, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_yaml_is_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+
+
+def test_defaults_roundtrip():
+    assert parse_params(default_params_dict()) == Params()
+
+
+def _problems(raw) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw, "params.yaml")
+    return str(info.value)
+
+
+def _raw(**sections):
+    raw = default_params_dict()
+    for name, values in sections.items():
+        raw[name].update(values)
+    return raw
+
+
+def test_unknown_key():
+    msg = _problems(_raw(train={"learning_rate": 0.1}))
+    assert "train.learning_rate: unknown parameter" in msg
+
+
+def test_unknown_section():
+    raw = default_params_dict()
+    raw["trian"] = {}
+    assert "trian: unknown section" in _problems(raw)
+
+
+def test_missing_section():
+    raw = default_params_dict()
+    del raw["model"]
+    assert "model: section missing" in _problems(raw)
+
+
+def test_wrong_type():
+    msg = _problems(_raw(train={"epochs": "ten"}))
+    assert "train.epochs: expected an integer, got 'ten'" in msg
+
+
+def test_bool_is_not_an_integer():
+    assert "train.epochs: expected an integer, got True" in _problems(_raw(train={"epochs": True}))
+
+
+def test_wrong_choice():
+    msg = _problems(_raw(model={"backbone": "resnet50"}))
+    assert "model.backbone: expected one of 'vgg11'" in msg
+
+
+def test_out_of_range():
+    msg = _problems(_raw(train={"lr": -0.1}))
+    assert "train.lr: must be > 0, got -0.1" in msg
+
+
+def test_wrong_list_item():
+    msg = _problems(_raw(masks={"encodings": ["labelIds", "depth"]}))
+    assert "masks.encodings: expected a list of one of 'labelIds'" in msg
+
+
+def test_relation_between_fields():
+    msg = _problems(_raw(train={"scale": [2.0, 0.5]}))
+    assert "train.scale: expected [min, max] with 0 < min <= max" in msg
+
+
+def test_city_names_must_fit_file_names():
+    msg = _problems(_raw(synthesize={"val_cities": ["Frank_furt"]}))
+    assert "synthesize.val_cities" in msg and "'Frank_furt'" in msg
+
+
+def test_every_problem_is_listed_at_once():
+    msg = _problems(_raw(train={"epochs": 0, "optimizer": "rmsprop"}, model={"extra": 1}))
+    assert "3 invalid parameter(s)" in msg
+    assert "train.epochs: must be >= 1, got 0" in msg
+    assert "train.optimizer" in msg and "model.extra" in msg
+
+
+def test_not_a_mapping():
+    assert "expected a mapping" in _problems([1, 2])
+    assert "train: expected a mapping of parameters" in _problems(_raw() | {"train": 3})
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_yaml_tags_are_never_executed(tmp_path):
+    evil = tmp_path / "params.yaml"
+    evil.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(evil)
+
+
+def test_hash_changes_with_params():
+    a = Params()
+    b = parse_params(_raw(train={"lr": 0.5}))
+    assert params_hash(a.train) == params_hash(Params().train)
+    assert params_hash(a.train) != params_hash(b.train)
+
+
+def test_stage_exits_nonzero_with_one_clear_message_before_any_work(tmp_path):
+    raw = _raw(synthesize={"height": 10})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages/synthesize.py"), "--params", "params.yaml",
+         "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "synthesize.height: must be >= 32, got 10" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

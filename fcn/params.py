@@ -97,19 +97,34 @@ class TrainParams:
     out: str = _p("models", help="checkpoint folder (persisted across runs)")
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = _p(2, ge=1)
-    flip_tta: bool = _p(False)
+    batch_size: int = _p(2, ge=1, help="whole images per forward pass")
+    flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
+    precision: Precision = _p("bf16", help="autocast dtype on CUDA; CPU always runs fp32")
+    channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
+    device: Device = _p("auto")
+    workers: int = _p(2, ge=1, help="threads decoding images and masks ahead of the model")
+    ground_truth: Literal["generated", "dataset"] = _p(
+        "generated", help="score against data.generated masks, or the ones shipped in data.root")
     samples: int = _p(4, ge=0, help="sample images (image | truth | prediction) in plots")
-    sample_width: int = _p(512, ge=32)
+    sample_width: int = _p(512, ge=32, help="width of each panel of a sample image")
 
 
 @dataclass(frozen=True)
 class ExportParams:
-    batch_size: int = _p(2, ge=1)
-    overlays: int = _p(4, ge=0)
-    gif_frames: int = _p(8, ge=0)
+    batch_size: int = _p(2, ge=1, help="whole images per forward pass")
+    flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
+    precision: Precision = _p("bf16", help="autocast dtype on CUDA; CPU always runs fp32")
+    channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
+    device: Device = _p("auto")
+    workers: int = _p(2, ge=1, help="threads decoding images and encoding PNGs")
+    overlays: int = _p(4, ge=0, help="test images saved as color overlays")
+    overlay_alpha: float = _p(0.5, ge=0, le=1, help="weight of the prediction colors")
+    gif_frames: int = _p(8, ge=0, help="val images in the animated GIF (0 = no GIF)")
     gif_width: int = _p(512, ge=32)
     gif_ms_per_frame: int = _p(500, ge=10)
     out: str = _p("predictions")

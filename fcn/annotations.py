@@ -2,12 +2,19 @@
 
 Parsing is strict where cityscapesScripts would crash or silently draw garbage: every problem
 is a DataError naming the file and, where it helps, the object index.
+
+Polygons with fewer than 3 points: PIL (and so cityscapesScripts) fills a 2-point polygon as
+the line between its points, and a repeated point as that pixel, so those are kept and drawn
+the same way. A drawn object (not deleted, label id >= 0) with 0 or 1 points is an error:
+PIL raises on it, cityscapesScripts crashes. Deleted and negative-id objects are never drawn
+by either, so their point count does not matter. Coordinates must be finite numbers with
+|value| < 2**30: PIL truncates them to C ints and subtracts them, so larger ones overflow
+(undefined behaviour, not a drawing).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +49,19 @@ class Annotation:
         }
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+MAX_COORDINATE = 2**30
+"""Vertices must satisfy |x|, |y| < MAX_COORDINATE (see the module docstring)."""
+
+
+_JSON_NUMBERS = frozenset((int, float))  # exact types: bool, a subclass of int, is no number
+
+
+def _valid_point(point: Any) -> bool:
+    """[x, y] of finite JSON numbers with |x|, |y| < MAX_COORDINATE (NaN fails the bounds)."""
+    return (type(point) is list and len(point) == 2
+            and type(point[0]) in _JSON_NUMBERS and type(point[1]) in _JSON_NUMBERS
+            and -MAX_COORDINATE < point[0] < MAX_COORDINATE
+            and -MAX_COORDINATE < point[1] < MAX_COORDINATE)
 
 
 def parse_annotation(data: Any, source: str) -> Annotation:
@@ -63,19 +81,23 @@ def parse_annotation(data: Any, source: str) -> Annotation:
         if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
             raise DataError(f"{where}: expected an object with a string 'label'")
         label = obj["label"]
-        if label_for_polygon(label) is None:
+        resolved = label_for_polygon(label)
+        if resolved is None:
             raise DataError(f"{where}: unknown label {label!r}")
         polygon = obj.get("polygon")
         if not isinstance(polygon, list):
             raise DataError(f"{where} ({label}): 'polygon' missing or not a list")
-        for point in polygon:
-            if not (isinstance(point, list) and len(point) == 2 and all(map(_number, point))):
-                raise DataError(f"{where} ({label}): polygon point {point!r} is not a pair of "
-                                "finite numbers")
+        if not all(map(_valid_point, polygon)):
+            point = next(p for p in polygon if not _valid_point(p))
+            raise DataError(f"{where} ({label}): polygon point {point!r} is not a pair of "
+                            f"finite numbers within ±{MAX_COORDINATE}")
         deleted = obj.get("deleted", 0)
         if deleted not in (0, 1):  # also admits False/True
             raise DataError(f"{where} ({label}): 'deleted' must be 0 or 1, got {deleted!r}")
-        objects.append(PolygonObject(label, tuple((p[0], p[1]) for p in polygon), bool(deleted)))
+        if not deleted and resolved.id >= 0 and len(polygon) < 2:
+            raise DataError(f"{where} ({label}): polygon has {len(polygon)} point(s); a drawn "
+                            "object needs at least 2 (2 points draw a line, as PIL does)")
+        objects.append(PolygonObject(label, tuple(map(tuple, polygon)), bool(deleted)))
     return Annotation(data["imgHeight"], data["imgWidth"], tuple(objects))
 
 
@@ -85,6 +107,8 @@ def read_annotation(path: str | Path) -> Annotation:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: malformed JSON: {exc}") from None
     return parse_annotation(data, str(path))

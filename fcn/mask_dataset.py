@@ -1,0 +1,183 @@
+"""Generate the masks of a whole dataset: find the annotations, render them in worker
+processes, compare with shipped masks, and replace the output folder only once complete.
+
+The output is `<generated>/gtFine/<split>/<city>/<stem>_gtFine_<encoding>.png`, the official
+layout under another root, so the files shipped with the dataset are never touched: a
+generated root that overlaps the dataset's shipped folders is refused before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fcn import layout
+from fcn.agreement import ImageResult, difference, figure, read_shipped, worst_images
+from fcn.annotations import read_annotation
+from fcn.errors import DataError
+from fcn.io import atomic_dir
+from fcn.masks import ENCODINGS, generated_path, render, write_masks
+
+log = logging.getLogger(__name__)
+
+POLYGONS_SUFFIX = "_gtFine_polygons.json"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One annotation to render."""
+
+    split: str
+    stem: str
+    polygons: Path
+
+
+def polygons_path(root: str | Path, split: str, stem: str) -> Path:
+    return Path(root) / "gtFine" / split / layout.city_of(stem) / f"{stem}{POLYGONS_SUFFIX}"
+
+
+def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
+    """Every `*_gtFine_polygons.json` of the splits, each checked to have its image."""
+    root = Path(root)
+    items = []
+    for split in splits:
+        folder = root / "gtFine" / split
+        if not folder.is_dir():
+            raise DataError(f"{folder}: annotation folder not found (is data.root right?)")
+        files = sorted(folder.glob(f"*/*{POLYGONS_SUFFIX}"))
+        if not files:
+            raise DataError(f"{folder}: no *{POLYGONS_SUFFIX} in <city>/ sub-folders")
+        for path in files:
+            stem = path.name.removesuffix(POLYGONS_SUFFIX)
+            if layout.stem_of(path) != stem or layout.city_of(stem) != path.parent.name:
+                raise DataError(f"{path}: expected <city>/<city>_<seq:06d>_<frame:06d>"
+                                f"{POLYGONS_SUFFIX}")
+            image = layout.image_path(root, split, stem)
+            if not image.is_file():
+                raise DataError(f"{path}: no matching image {image}")
+            items.append(Item(split, stem, path))
+    return items
+
+
+def check_output_root(root: str | Path, generated: str | Path) -> None:
+    """Refuse a generated root that would write into, or replace, the dataset's files."""
+    root, generated = Path(root).resolve(), Path(generated).resolve()
+    shipped = (root / "gtFine", root / "leftImg8bit")
+    if generated == root or any(generated.is_relative_to(s) for s in shipped):
+        raise DataError(f"data.generated ({generated}) lies in the dataset's shipped folders "
+                        f"under data.root ({root}): generated masks must not overwrite or mix "
+                        "with shipped ones; choose another folder")
+    if root.is_relative_to(generated):
+        raise DataError(f"data.root ({root}) lies inside data.generated ({generated}), which "
+                        "the masks stage replaces; choose another folder")
+
+
+def _foreign_files(generated: Path) -> Iterator[Path]:
+    """Files under `generated` this stage would not have written."""
+    suffixes = tuple(f"_gtFine_{e}.png" for e in ENCODINGS)
+    for path in generated.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(generated).parts
+        if not (len(relative) == 4 and relative[0] == "gtFine" and path.is_file()
+                and path.name.endswith(suffixes)):
+            yield path
+
+
+def _process(task: tuple[Item, Path, Path, tuple[str, ...]]) -> ImageResult:
+    """Worker: parse once, render once, write the requested encodings, compare shipped ones."""
+    item, root, out, encodings = task
+    annotation = read_annotation(item.polygons)
+    shipped = {e: layout.mask_path(root, item.split, item.stem, e) for e in ENCODINGS}
+    shipped = {e: p for e, p in shipped.items() if p.is_file()}
+    needed = [e for e in ENCODINGS if e in encodings or e in shipped]
+    masks = render(annotation, needed, source=str(item.polygons))
+    write_masks(masks, {e: generated_path(out, item.split, item.stem, e) for e in encodings},
+                atomic=False)  # `out` is atomic_dir's private folder, swapped in when complete
+    differing = {e: int(difference(masks[e], read_shipped(p, e), p).sum())
+                 for e, p in shipped.items()}
+    return ImageResult(item.split, item.stem, len(annotation.objects),
+                       annotation.width * annotation.height, differing)
+
+
+def _chunksize(n: int, workers: int) -> int:
+    """Chunks big enough to amortise inter-process traffic, small enough to balance load."""
+    return max(1, min(16, n // (workers * 8)))
+
+
+def render_all(items: Sequence[Item], root: str | Path, out: str | Path,
+               encodings: Sequence[str], workers: int) -> list[ImageResult]:
+    """Render and write every item under `out` (workers processes); results in item order."""
+    root, out = Path(root), Path(out)
+    tasks = [(item, root, out, tuple(encodings)) for item in items]
+    bar = tqdm(total=len(tasks), desc="masks", unit="img")
+    results: dict[tuple[str, str], ImageResult] = {}
+    try:
+        if workers == 1:
+            outcomes: Iterator[ImageResult] = map(_process, tasks)
+            for result in outcomes:
+                results[result.split, result.stem] = result
+                bar.update()
+        else:
+            with multiprocessing.Pool(workers) as pool:
+                for result in pool.imap_unordered(_process, tasks, _chunksize(len(tasks), workers)):
+                    results[result.split, result.stem] = result
+                    bar.update()
+    finally:
+        bar.close()
+    return [results[item.split, item.stem] for item in items]
+
+
+def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
+             splits: Sequence[str], workers: int) -> list[ImageResult]:
+    """Write the masks of every annotation of `splits` under `generated`, replacing it whole.
+
+    The masks are written to a temporary folder beside `generated` and swapped in only once
+    all are done (fcn.io.atomic_dir); on any error `generated` is left as it was.
+    """
+    root, generated = Path(root), Path(generated)
+    check_output_root(root, generated)
+    if generated.exists():
+        foreign = next(_foreign_files(generated), None)
+        if foreign is not None:
+            raise DataError(f"{generated}: holds {foreign}, which the masks stage did not "
+                            "write; refusing to replace the folder (choose another data.generated "
+                            "or remove it)")
+    items = find_annotations(root, splits)
+    start = time.perf_counter()
+    with atomic_dir(generated) as out:
+        results = render_all(items, root, out, encodings, workers)
+    seconds = time.perf_counter() - start
+    log.info("rendered %d annotations (%s) into %s in %.1f s (%.1f images/s, %d workers)",
+             len(items), ", ".join(encodings), generated, seconds, len(items) / seconds, workers)
+    return results
+
+
+def agreement_figure(path: str | Path, root: str | Path, results: Sequence[ImageResult],
+                     count: int) -> bool:
+    """Draw provided | generated | difference for the `count` least agreeing images.
+
+    Returns False (and writes nothing) when no image has shipped masks or count is 0.
+    """
+    chosen = worst_images(results, count)
+    if not chosen:
+        return False
+    root = Path(root)
+    rows = []
+    for r in chosen:
+        polygons = polygons_path(root, r.split, r.stem)
+        shipped = {e: layout.mask_path(root, r.split, r.stem, e) for e in r.differing}
+        masks = render(read_annotation(polygons), list(shipped), source=str(polygons))
+        provided = {e: read_shipped(p, e) for e, p in shipped.items()}
+        display = next(e for e in ("color", "labelIds", "instanceIds", "labelTrainIds")
+                       if e in shipped)
+        rows.append((r.name, display, provided[display], masks[display],
+                     {e: difference(masks[e], provided[e], shipped[e]) for e in shipped}))
+    figure(path, rows)
+    return True

@@ -129,6 +129,8 @@ def render_all(items: Sequence[Item], root: str | Path, out: str | Path,
                 for result in pool.imap_unordered(_process, tasks, _chunksize(len(tasks), workers)):
                     results[result.split, result.stem] = result
                     bar.update()
+                pool.close()  # let workers exit on their own (the with block terminates them)
+                pool.join()
     finally:
         bar.close()
     return [results[item.split, item.stem] for item in items]

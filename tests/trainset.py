@@ -1,0 +1,54 @@
+"""Helpers for the data/training tests: masks for a synthetic root, and tiny params files.
+
+Masks are drawn here from the polygons (fcn.masks + the trainId table), exactly what the
+masks stage writes, so these tests do not depend on that stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from fcn.annotations import read_annotation
+from fcn.data import mask_path
+from fcn.labels import ID_TO_TRAINID
+from fcn.masks import draw_label_ids
+from fcn.params import default_params_dict
+
+from conftest import TINY
+
+
+def write_masks(root: Path, generated: Path) -> None:
+    """`<generated>/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png` for every image."""
+    for polygons in sorted((root / "gtFine").rglob("*_gtFine_polygons.json")):
+        split, city = polygons.parts[-3], polygons.parts[-2]
+        stem = polygons.name.removesuffix("_gtFine_polygons.json")
+        out = mask_path(generated, split, city, stem)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ID_TO_TRAINID[draw_label_ids(read_annotation(polygons))]).save(out)
+
+
+def tiny_params(root: Path, generated: Path, out: Path, **train: Any) -> dict[str, Any]:
+    """params.yaml content for a seconds-long CPU run on the tiny dataset."""
+    params = default_params_dict()
+    params["data"] = {"root": str(root), "generated": str(generated)}
+    params["synthesize"] = dataclasses.asdict(TINY)
+    params["train"].update(epochs=2, batch_size=2, crop=[64, 64], workers=0, nproc=1,
+                           device="cpu", out=str(out))
+    params["train"].update(train)
+    return params
+
+
+def write_params(path: Path, params: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def mask_array(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)

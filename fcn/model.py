@@ -125,7 +125,11 @@ class FCN8s(nn.Module):
         own = nn.Sequential(*features)
         feature_state = {k[len("features."):]: v for k, v in state.items()
                          if k.startswith("features.")}
-        missing, unexpected = own.load_state_dict(feature_state, strict=False)
+        try:
+            missing, unexpected = own.load_state_dict(feature_state, strict=False)
+        except RuntimeError as exc:  # same names, other shapes (e.g. another VGG's layers)
+            raise DataError(f"backbone weights do not fit {self.backbone_name}: "
+                            f"{str(exc).splitlines()[1].strip()} …") from None
         if missing or unexpected:
             raise DataError(f"backbone weights do not fit {self.backbone_name}: missing "
                             f"{missing[:5]}, unexpected {unexpected[:5]}")

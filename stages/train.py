@@ -1,0 +1,23 @@
+"""Stage `train`: FCN8s on the generated masks; resumable, and multi-process when train.nproc > 1."""
+
+import sys
+
+from fcn.cli import run_stage, stage_parser
+from fcn.distributed import relaunch, under_torchrun
+from fcn.params import load_params
+from fcn.train import fit
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--live-dir", default="metrics/train",
+                        help="DVCLive folder for per-epoch metrics (default: %(default)s)")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    if params.train.nproc > 1 and not under_torchrun():
+        sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:]))
+    fit(params, args.live_dir)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,221 @@
+"""The train stage: resume bit for bit after SIGKILL, refusal of foreign checkpoints, 2-process
+DDP, NaN guard, an overfit run, and the checkpoint format other stages rely on."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from fcn import checkpoint as ckpt
+from fcn.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
+from fcn.distributed import Context
+from fcn.engine import (NonFiniteLossError, build_criterion, build_optimizer, build_scheduler,
+                        evaluate, train_one_epoch)
+from fcn.metrics import summary
+from fcn.model import FCN8s
+from fcn.params import TrainParams, parse_params
+from fcn.train import fit, load_for_eval
+
+from trainset import tiny_params, write_masks, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE = REPO / "stages" / "train.py"
+CPU = Context(0, 1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    generated = tmp_path_factory.mktemp("generated")
+    write_masks(tiny_dataset, generated)
+    return generated
+
+
+def _stage(params_file: Path, cwd: Path) -> list[str]:
+    return [sys.executable, str(STAGE), "--params", str(params_file),
+            "--live-dir", str(cwd / "live")]
+
+
+def _run(params: dict, cwd: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    params_file = write_params(cwd / "params.yaml", params)
+    done = subprocess.run(_stage(params_file, cwd), cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _live_files(live: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*"))
+            if p.is_file()}
+
+
+def _assert_same_state(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{where}: {key} differs"
+        elif isinstance(a[key], dict):
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+        else:
+            assert a[key] == b[key], f"{where}: {key} differs"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_dataset, masks,
+                                                                      tmp_path):
+    def params(run: str) -> dict:
+        return tiny_params(tiny_dataset, masks, tmp_path / run / "models", epochs=3)
+
+    _run(params("whole"), tmp_path / "whole")
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    params_file = write_params(cut / "params.yaml", params("cut"))
+    process = subprocess.Popen(_stage(params_file, cut), cwd=cut, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in process.stderr:  # the log line comes after epoch 1's checkpoint is written
+        lines.append(line)
+        if "epoch 1/3" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(lines)[-2000:]
+    assert ckpt.load(cut / "models" / "last.pt")["epoch"] == 1
+
+    resumed = _run(params("cut"), cut)
+    assert "resuming from" in resumed.stderr and "after epoch 1 of 3" in resumed.stderr
+
+    for name in ("last.pt", "best.pt"):
+        a = ckpt.load(tmp_path / "whole" / "models" / name)
+        b = ckpt.load(cut / "models" / name)
+        assert a["epoch"] == b["epoch"]
+        _assert_same_state(a["model"], b["model"], f"{name} model")
+        if name == "last.pt":
+            assert a["epoch"] == 3 and a["step"] == b["step"] == 9
+            _assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+            assert a["scheduler"] == b["scheduler"]
+            assert a["history"] == b["history"]
+    whole, again = _live_files(tmp_path / "whole" / "live"), _live_files(cut / "live")
+    assert "metrics.json" in whole and "plots/metrics/val/miou.tsv" in whole
+    assert whole == again  # the logged history continues exactly where it stopped
+    assert whole["plots/metrics/val/miou.tsv"].decode().count("\n") == 4  # header + 3 epochs
+
+
+@pytest.mark.slow
+def test_changed_params_refuse_the_old_checkpoint(tiny_dataset, masks, tmp_path):
+    base = tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=1)
+    _run(base, tmp_path)
+    first = ckpt.load(tmp_path / "models" / "last.pt")
+
+    base["train"]["workers"] = 1  # where/how fast, not what: still resumable
+    again = _run(base, tmp_path)
+    assert "resuming from" in again.stderr and "nothing to do" in again.stderr
+
+    base["train"]["lr"] = 0.002
+    changed = _run(base, tmp_path)
+    assert "trained with other parameters" in changed.stderr
+    assert "starting fresh" in changed.stderr and "train.lr: 0.001 -> 0.002" in changed.stderr
+    second = ckpt.load(tmp_path / "models" / "last.pt")
+    assert second["epoch"] == 1 and second["params_hash"] != first["params_hash"]
+    assert second["hashed_params"]["train"]["lr"] == 0.002
+
+
+@pytest.mark.slow
+def test_two_process_ddp_logs_the_val_miou_of_the_saved_model(tiny_dataset, masks, tmp_path):
+    params = tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=1, nproc=2)
+    done = _run(params, tmp_path)
+    assert "x2" in done.stderr  # trained by 2 ranks
+    logged = ckpt.load(tmp_path / "models" / "last.pt")["metrics"]
+
+    model = load_for_eval(tmp_path / "models" / "last.pt")
+    val = SegmentationDataset(tiny_dataset, masks, "val")
+    loader = DataLoader(val, batch_size=1, sampler=ShardSampler(len(val)))
+    result = evaluate(model, loader, build_criterion(TrainParams(), CPU.device), CPU, "fp32")
+    scores = summary(result.confusion)
+    assert scores["miou"] == logged["val/miou"]
+    assert scores["mean_dice"] == logged["val/mean_dice"]
+    assert math.isclose(result.loss, logged["val/loss"], rel_tol=1e-6)
+    import json
+
+    live = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert live["val"]["miou"] == logged["val/miou"]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, masks, tmp_path,
+                                                           monkeypatch):
+    raw = tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=3)
+    params = parse_params(raw)
+    forward = FCN8s.forward
+    calls = {"train": 0}
+
+    def poisoned(self, x):
+        out = forward(self, x)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 5:  # epoch 2 (3 iterations per epoch), iteration 2
+                return out * math.nan
+        return out
+
+    monkeypatch.setattr(FCN8s, "forward", poisoned)
+    try:
+        with pytest.raises(NonFiniteLossError, match="epoch 2, iteration 2"):
+            fit(params, tmp_path / "live")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    last = ckpt.load(tmp_path / "models" / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert (tmp_path / "models" / "best.pt").exists()
+    assert (tmp_path / "live" / "plots" / "metrics" / "val" / "miou.tsv").read_text().count(
+        "\n") == 2  # header + the one completed epoch
+
+
+def test_best_checkpoint_loads_weights_only_and_rebuilds_the_model(tiny_dataset, masks,
+                                                                   tmp_path):
+    params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=1,
+                                      batch_size=6))
+    try:
+        record = fit(params, tmp_path / "live")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    best = torch.load(tmp_path / "models" / "best.pt", weights_only=True)
+    assert {"model", "model_params", "num_classes", "epoch"} <= best.keys()
+    assert best["model_params"] == {"backbone": "vgg11_bn", "weights": "none", "fc67": False,
+                                    "fc_channels": 4096}
+    assert best["num_classes"] == 19 and best["epoch"] == 1
+    assert best["metrics"]["val/miou"] == record["val/miou"]
+    last = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng", "params_hash", "history"} <= last.keys()
+    model = load_for_eval(tmp_path / "models" / "best.pt")
+    assert isinstance(model, FCN8s) and not model.training
+
+
+@pytest.mark.slow
+def test_a_few_images_overfit_to_miou_above_0_9(tiny_dataset, masks):
+    torch.manual_seed(0)
+    train = SegmentationDataset(tiny_dataset, masks, "train",
+                                train_transform([64, 128], [1.0, 1.0], False, 0.0))
+    train.pairs = train.pairs[:2]
+    loader = DataLoader(train, batch_size=2, sampler=SeededSampler(train, seed=0))
+    params = TrainParams(lr=2e-3, epochs=100, weight_decay=0.0)
+    model = FCN8s("vgg11_bn")
+    optimizer = build_optimizer(model, params)
+    scheduler = build_scheduler(optimizer, params, len(loader))
+    criterion = build_criterion(params, CPU.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    for epoch in range(params.epochs):
+        train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, CPU, "fp32",
+                        epoch)
+    plain = Subset(SegmentationDataset(tiny_dataset, masks, "train"), [0, 1])
+    result = evaluate(model, DataLoader(plain, batch_size=1), criterion, CPU, "fp32")
+    assert summary(result.confusion)["miou"] > 0.9

@@ -130,17 +130,34 @@ class ExportParams:
     out: str = _p("predictions")
 
 
+BenchmarkPrecision = Literal["fp32", "tf32", "bf16", "fp16"]
+
+
 @dataclass(frozen=True)
 class BenchmarkParams:
-    height: int = _p(1024, ge=32)
-    width: int = _p(2048, ge=32)
-    batch_sizes: list[int] = _p([1])
-    warmup: int = _p(1, ge=0)
-    iters: int = _p(3, ge=1)
-    precisions: list[Precision] = _p(["fp32", "bf16"])
-    channels_last: list[bool] = _p([False, True])
-    compile: list[bool] = _p([False])
+    profile: Literal["quick", "full"] = _p(
+        "quick", help="quick: the CPU-budget run (quick_*); full: the thorough GPU run (full_*)")
     device: Literal["auto", "cpu", "cuda"] = _p("auto")
+    height: int = _p(1024, ge=32, help="image height (Cityscapes: 1024)")
+    width: int = _p(2048, ge=32, help="image width (Cityscapes: 2048)")
+    precisions: list[BenchmarkPrecision] = _p(
+        ["fp32", "tf32", "bf16", "fp16"],
+        help="fp32 strict (the reference), tf32 (CUDA tensor cores), bf16/fp16 autocast; "
+             "ones the device lacks are reported as skipped")
+    channels_last: list[bool] = _p([False, True])
+    weights: str = _p("trained_like", help="'trained_like' (seeded random backbone, BN "
+                      "calibrated, random score layers) or a training checkpoint path")
+    seed: int = _p(0, ge=0, help="weights and benchmark images")
+    cudnn_benchmark: bool = _p(True, help="let cuDNN pick the fastest algorithms (CUDA)")
+    threads: int = _p(0, ge=0, help="CPU threads for PyTorch (0 = its default: one per core)")
+    quick_batch_sizes: list[int] = _p([1])
+    quick_warmup: int = _p(1, ge=1)
+    quick_iters: int = _p(2, ge=1)
+    quick_compile: list[bool] = _p([False])
+    full_batch_sizes: list[int] = _p([1, 2, 4])
+    full_warmup: int = _p(10, ge=1)
+    full_iters: int = _p(50, ge=1)
+    full_compile: list[bool] = _p([False, True])
 
 
 @dataclass(frozen=True)
@@ -254,9 +271,16 @@ def _check_relations(params: Params, problems: list[str]) -> None:
                                 f"and digits (they are part of Cityscapes file names), got {city!r}")
     if not params.masks.encodings:
         problems.append("masks.encodings: choose at least one encoding")
-    if not params.benchmark.batch_sizes or min(params.benchmark.batch_sizes) < 1:
-        problems.append("benchmark.batch_sizes: expected positive integers, got "
-                        f"{params.benchmark.batch_sizes}")
+    b = params.benchmark
+    for key in ("precisions", "channels_last", "quick_batch_sizes", "quick_compile",
+                "full_batch_sizes", "full_compile"):
+        values = getattr(b, key)
+        if not values or len(set(values)) != len(values):
+            problems.append(f"benchmark.{key}: expected a non-empty list without repeats, "
+                            f"got {values}")
+    for key in ("quick_batch_sizes", "full_batch_sizes"):
+        if min(getattr(b, key), default=1) < 1:
+            problems.append(f"benchmark.{key}: expected positive integers, got {getattr(b, key)}")
 
 
 def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:

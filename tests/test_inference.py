@@ -1,0 +1,187 @@
+"""fcn.inference: checkpoints are checked before use, predictions are full-size trainIds,
+batching/channels-last/flip TTA behave, and predictions stream with bounded read-ahead."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from eval_helpers import save_checkpoint
+from fcn.errors import DataError, FcnError
+from fcn.inference import Predictor, load_checkpoint_model, predict_stream, resolve_device
+from fcn.model import FCN8s
+from fcn.params import ModelParams
+from fcn.prefetch import read_ahead
+
+
+@pytest.fixture(scope="module")
+def model() -> FCN8s:
+    torch.manual_seed(1)
+    net = FCN8s("vgg11_bn", 19).eval()
+    for layer in (net.score_pool5, net.score_pool4, net.score_pool3):  # varied predictions
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    return net
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(2, 37, 50, 3), dtype=np.uint8)  # not a multiple of 32
+
+
+def test_checkpoint_round_trip(model, tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", model)
+    loaded = load_checkpoint_model(path, ModelParams())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(DataError, match=r"models/best\.pt: checkpoint not found"):
+        load_checkpoint_model(tmp_path / "models" / "best.pt", ModelParams())
+
+
+def test_checkpoint_for_another_backbone(model, tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", model, ModelParams(backbone="vgg16_bn"))
+    with pytest.raises(DataError) as info:
+        load_checkpoint_model(path, ModelParams())
+    assert str(path) in str(info.value)
+    assert "model.backbone='vgg16_bn'" in str(info.value) and "'vgg11_bn'" in str(info.value)
+
+
+def test_checkpoint_for_another_head(model, tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", model, ModelParams(fc67=True))
+    with pytest.raises(DataError, match="model.fc67=True"):
+        load_checkpoint_model(path, ModelParams())
+
+
+def test_checkpoint_for_another_class_count(model, tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", model, num_classes=20)
+    with pytest.raises(DataError, match=r"best\.pt: checkpoint predicts 20 classes"):
+        load_checkpoint_model(path, ModelParams())
+
+
+def test_checkpoint_with_weights_that_do_not_fit(model, tmp_path):
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("score_pool3")}
+    path = tmp_path / "best.pt"
+    torch.save({"model": state, "model_params": {"backbone": "vgg11_bn", "fc67": False},
+                "num_classes": 19, "epoch": 3}, path)
+    with pytest.raises(DataError, match="weights do not fit FCN8s/vgg11_bn") as info:
+        load_checkpoint_model(path, ModelParams())
+    assert "score_pool3.weight" in str(info.value)
+
+
+class Pickled:
+    """Not a tensor: weights_only=True must refuse to unpickle it."""
+
+
+@pytest.mark.parametrize("content", ["garbage", "not a dict", "pickled object", "no model"])
+def test_unusable_checkpoint_files(tmp_path, content):
+    path = tmp_path / "best.pt"
+    if content == "garbage":
+        path.write_bytes(b"\x00" * 100)
+    elif content == "not a dict":
+        torch.save(torch.zeros(3), path)
+    elif content == "pickled object":
+        torch.save({"model": Pickled(), "model_params": {}, "num_classes": 19}, path)
+    else:
+        torch.save({"epoch": 1}, path)
+    with pytest.raises(DataError, match=r"best\.pt: not a"):
+        load_checkpoint_model(path, ModelParams())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(FcnError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_prediction_is_full_size_trainids_equal_to_the_model_argmax(model, images):
+    prediction = Predictor(model)(images)
+    assert prediction.shape == images.shape[:3] and prediction.dtype == np.uint8
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        expected = model(x).argmax(1).numpy()
+    assert np.array_equal(prediction, expected)
+    assert len(np.unique(prediction)) > 3  # the test model is not constant
+
+
+def test_batching_does_not_change_predictions(model, images):
+    predictor = Predictor(model)
+    one_by_one = np.concatenate([predictor(images[i:i + 1]) for i in range(len(images))])
+    assert np.array_equal(predictor(images), one_by_one)
+
+
+def test_channels_last_agrees(model, images):
+    plain = Predictor(model)(images)
+    channels_last = Predictor(copy.deepcopy(model), channels_last=True)
+    assert (channels_last(images) == plain).mean() >= 0.999
+
+
+def test_flip_tta_is_flip_equivariant(model, images):
+    predictor = Predictor(model, flip_tta=True)
+    prediction = predictor(images)
+    flipped = predictor(np.ascontiguousarray(images[:, :, ::-1]))
+    assert np.array_equal(flipped, prediction[:, :, ::-1])
+    assert not np.array_equal(prediction, Predictor(model)(images))  # it does something
+
+
+def test_stream_keeps_order_and_groups_sizes(model):
+    rng = np.random.default_rng(1)
+    shapes = [(32, 40), (32, 40), (20, 24), (32, 40), (32, 40), (32, 40)]
+    arrays = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+    predictor = Predictor(model)
+    calls: list[int] = []
+    original = predictor.__call__
+
+    class Counting(Predictor):
+        def __call__(self, batch):
+            calls.append(len(batch))
+            return original(batch)
+
+    counting = Counting(model)
+    out = list(predict_stream(counting, list(range(6)), lambda i: (arrays[i], f"p{i}"),
+                              batch_size=2, workers=2))
+    assert [item for item, *_ in out] == list(range(6))
+    assert [payload for _, _, payload, _ in out] == [f"p{i}" for i in range(6)]
+    assert calls == [2, 1, 2, 1]  # same-size neighbours batched, never mixed sizes
+    for i, (_, image, _, prediction) in enumerate(out):
+        assert image is arrays[i] and prediction.shape == shapes[i]
+        assert np.array_equal(prediction, predictor(arrays[i][None])[0])
+
+
+def test_read_ahead_is_bounded():
+    """Streaming: never more than `depth` items loaded and not yet consumed."""
+    lock, state = threading.Lock(), {"loaded": 0, "consumed": 0, "max_ahead": 0}
+
+    def load(i: int) -> int:
+        with lock:
+            state["loaded"] += 1
+            state["max_ahead"] = max(state["max_ahead"], state["loaded"] - state["consumed"])
+        return i
+
+    for i, value in read_ahead(load, range(50), workers=3, depth=4):
+        assert value == i
+        time.sleep(0.001)
+        with lock:
+            state["consumed"] += 1
+    assert state["loaded"] == 50 and state["max_ahead"] <= 4 + 1
+
+
+def test_read_ahead_raises_at_the_failing_item():
+    def load(i: int) -> int:
+        if i == 3:
+            raise DataError(f"item {i} is bad")
+        return i
+
+    seen = []
+    with pytest.raises(DataError, match="item 3 is bad"):
+        for i, _ in read_ahead(load, range(10), workers=2):
+            seen.append(i)
+    assert seen == [0, 1, 2]

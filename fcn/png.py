@@ -1,14 +1,14 @@
 """A fast lossless PNG encoder for label masks (8-bit grey, 16-bit grey, 8-bit RGBA).
 
-Why not PIL's encoder: it tries every PNG filter on every row and deflates with zlib at level
-6; the four masks of a 1024x2048 image then take ~0.3 s to write, ten times their drawing.
-Label masks are large flat regions, so one fixed filter does as well: 'Up' (each byte minus
-the byte above it) turns everything but the pixels just below a boundary into zeros. The
-deflate stream comes from ISA-L (`isal`, level 1), which compresses such data at several
-GB/s where zlib manages ~0.3; its files are ~1.3x the size of PIL's defaults and it is ~50x
-faster (numbers in benchmarks/masks_speed.py's docstring). The output is a standard PNG (one
-IDAT) that every reader opens, PIL and therefore cityscapesScripts included; tests read each
-kind back and compare arrays.
+Why not PIL's encoder: it tries the PNG filters on every row and deflates with zlib at level
+6, so writing the four masks of a 1024x2048 image takes ~240 ms, several times everything else
+the masks stage does. Label masks are large flat regions, so one fixed filter does well: 'Up'
+(each byte minus the byte above it) turns everything but the pixels just below a boundary into
+zeros. The deflate stream comes from ISA-L (`isal`, level 1), which compresses such data at
+GB/s where zlib manages a few hundred MB/s. Measured on realistic 1024x2048 masks (150
+polygons): 8 ms instead of 241 ms for the four masks, 297 kB instead of 214 kB. The output is
+a standard PNG (one IDAT) that any reader opens, PIL and therefore cityscapesScripts
+included; tests read each kind back and compare arrays.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ files read back (with PIL) to exactly those arrays."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def test_png_encoder_round_trips_any_array(height, width, kind, rnd):
         array = rng.choice(np.array([0, 1, 255, 256, 33001, 65535], np.uint16), (height, width))
     else:
         array = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
-    with Image.open(__import__("io").BytesIO(encode_png(array))) as image:
+    with Image.open(io.BytesIO(encode_png(array))) as image:
         assert image.mode == kind and image.size == (width, height)
         np.testing.assert_array_equal(np.asarray(image), array)
 

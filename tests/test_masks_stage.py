@@ -3,8 +3,9 @@ and bad input: one clear line naming the file, exit code 1, no PNG left behind."
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ from fcn.params import default_params_dict
 from fcn.synthetic import make_scene
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "stages"))
-import masks as masks_stage  # noqa: E402  (stages/masks.py)
+_spec = importlib.util.spec_from_file_location("masks_stage", REPO / "stages" / "masks.py")
+masks_stage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(masks_stage)  # stages/masks.py, without putting stages/ on sys.path
 
 H, W = 24, 48
 
@@ -253,7 +255,7 @@ def assert_failed_cleanly(tmp_path: Path, code: int, caplog, pattern: str) -> No
     assert code == 1
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0].getMessage()
-    assert __import__("re").search(pattern, errors[0].getMessage()), errors[0].getMessage()
+    assert re.search(pattern, errors[0].getMessage()), errors[0].getMessage()
     assert not (tmp_path / "generated").exists()
     assert not list(tmp_path.rglob("*.png*")) or all(
         "leftImg8bit" in p.parts for p in tmp_path.rglob("*.png*"))  # only the input images
@@ -269,7 +271,7 @@ def test_bad_annotation_fails_naming_the_file(tmp_path, caplog, case):
         write_item(root, "val", f"lindau_{i:06d}_000019", scene(i))
     bad = write_item(root, "val", "lindau_000009_000019", content)
     code, _ = run(tmp_path, root)
-    assert_failed_cleanly(tmp_path, code, caplog, f"^{__import__('re').escape(str(bad))}: {message}")
+    assert_failed_cleanly(tmp_path, code, caplog, f"^{re.escape(str(bad))}: {message}")
 
 
 def test_bad_annotation_in_a_worker_process_fails_cleanly(tmp_path, caplog):
@@ -279,7 +281,7 @@ def test_bad_annotation_in_a_worker_process_fails_cleanly(tmp_path, caplog):
     bad = write_item(root, "val", "lindau_000004_000019", with_object([[1, 1]], label="cargroup"))
     code, _ = run(tmp_path, root, workers=2)
     assert_failed_cleanly(tmp_path, code, caplog,
-                          f"^{__import__('re').escape(str(bad))}: object 1 \\(cargroup\\)")
+                          f"^{re.escape(str(bad))}: object 1 \\(cargroup\\)")
 
 
 def test_annotation_without_image_names_both_files(tmp_path, caplog):

@@ -15,7 +15,6 @@ byte-identical dataset whatever order or process the images are made in.
 from __future__ import annotations
 
 import logging
-import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from fcn.annotations import Annotation, PolygonObject
-from fcn.io import write_json
+from fcn.io import atomic_dir, write_json
 from fcn.labels import NAME_TO_LABEL, label_for_polygon
 from fcn.params import SynthesizeParams
 
@@ -385,13 +384,9 @@ def write_item(root: Path, params: SynthesizeParams, split: str, city: str, seq:
 
 def synthesize(root: str | Path, params: SynthesizeParams) -> int:
     """Write the whole dataset under `root`, replacing it only once complete."""
-    root = Path(root)
     items = list(dataset_items(params))
-    partial = root.with_name(root.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    for split, city, seq in tqdm(items, desc="synthesize", unit="img"):
-        write_item(partial, params, split, city, seq)
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)
+    with atomic_dir(root) as tmp:
+        for split, city, seq in tqdm(items, desc="synthesize", unit="img"):
+            write_item(tmp, params, split, city, seq)
     log.info("wrote %d images under %s", len(items), root)
     return len(items)

@@ -9,7 +9,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
 
-.PHONY: install install-test repro test clean
+.PHONY: install install-test repro test clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,14 @@ repro: install
 	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
-test: install
+# The offline-plots test renders `dvc plots show` in headless Chromium: install it when missing
+# and we may (root + apt-get); never fail here – without it that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "note: could not install chromium; the offline-plots browser test will skip"
+
+test: install browser
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

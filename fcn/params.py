@@ -150,6 +150,8 @@ class BenchmarkParams:
     seed: int = _p(0, ge=0, help="weights and benchmark images")
     cudnn_benchmark: bool = _p(True, help="let cuDNN pick the fastest algorithms (CUDA)")
     threads: int = _p(0, ge=0, help="CPU threads for PyTorch (0 = its default: one per core)")
+    matmul_size: int = _p(0, ge=0, help="n of the n×n matmul giving the device's dense rate "
+                          "(0 = 2048 on CPU, 8192 on CUDA)")
     quick_batch_sizes: list[int] = _p([1])
     quick_warmup: int = _p(1, ge=1)
     quick_iters: int = _p(2, ge=1)

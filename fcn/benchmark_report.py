@@ -1,0 +1,116 @@
+"""Benchmark results → metrics JSON, a CSV for `dvc plots`, a PNG, and a Markdown table.
+
+Kept apart from fcn.benchmark so that measuring never depends on matplotlib, and the README
+table is produced from the JSON rather than copied by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+
+from fcn import io as fio  # noqa: E402
+from fcn.benchmark import iter_ok  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = ("config", "latency_ms_median", "latency_ms_p90", "throughput_ips",
+              "peak_memory_mb", "utilisation", "agreement")
+
+
+def memory_label(results: dict[str, Any]) -> str:
+    """What `peak_memory_mb` means on this device."""
+    if results["environment"]["device"] == "cuda":
+        return "peak allocated (MB)"
+    return "peak RSS growth (MB)"
+
+
+def device_label(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    if env["device"] == "cuda":
+        return f"{env['device_name']} (CUDA {env['cuda']})"
+    return f"{env['device_name']} CPU, {env['threads']} threads ({env['cpu_capability']})"
+
+
+def write_csv(results: dict[str, Any], path: str | Path) -> None:
+    """One row per measured configuration (the data of dvc.yaml's benchmark plots)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for entry in iter_ok(results):
+        writer.writerow([entry["name"], *(_round(entry[k]) for k in CSV_FIELDS[1:])])
+    fio.write_text(path, buffer.getvalue())
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
+
+
+def write_figure(results: dict[str, Any], path: str | Path) -> None:
+    """Latency (median, p90 tick) and peak memory per configuration, side by side."""
+    entries = list(iter_ok(results))
+    skipped = [e["name"] for e in results["configs"].values() if e["status"] != "ok"]
+    height = 1.6 + 0.35 * max(1, len(entries))
+    fig, (ax_lat, ax_mem) = plt.subplots(1, 2, figsize=(11, height), sharey=True)
+    names = [e["name"] for e in entries]
+    ys = range(len(entries))
+    ax_lat.barh(ys, [e["latency_ms_median"] for e in entries], color="#4c72b0")
+    ax_lat.scatter([e["latency_ms_p90"] for e in entries], ys, marker="|", s=200, color="k",
+                   label="p90", zorder=3)
+    ax_lat.set_xlabel("latency per batch, median (ms)")
+    if entries:
+        ax_lat.legend(loc="lower right", fontsize=8)
+    ax_mem.barh(ys, [e["peak_memory_mb"] for e in entries], color="#dd8452")
+    ax_mem.set_xlabel(memory_label(results))
+    ax_lat.set_yticks(list(ys), names, fontsize=8)
+    ax_lat.invert_yaxis()
+    protocol = results["protocol"]
+    title = (f"FCN8s/{results['model']['backbone']} inference at {protocol['height']}x"
+             f"{protocol['width']} on {device_label(results)}")
+    fig.suptitle(title, fontsize=10)
+    if skipped:
+        fig.text(0.01, 0.01, "skipped (see metrics/benchmark.json): " + ", ".join(skipped),
+                 fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.06 if skipped else 0, 1, 1))
+    with fio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The measured configurations as a Markdown table (the README's Performance section)."""
+    lines = ["| configuration | median ms | p90 ms | images/s | "
+             f"{memory_label(results)} | TFLOP/s | utilisation | agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in iter_ok(results):
+        agreement = "n/a" if e["agreement"] is None else f"{100 * e['agreement']:.3f}%"
+        lines.append(
+            f"| {e['name']} | {e['latency_ms_median']:.1f} | {e['latency_ms_p90']:.1f} | "
+            f"{e['throughput_ips']:.3f} | {e['peak_memory_mb']:.0f} | "
+            f"{e['achieved_tflops']:.3f} | {100 * e['utilisation']:.0f}% | {agreement} |")
+    skipped: dict[str, list[str]] = {}
+    for e in results["configs"].values():
+        if e["status"] != "ok":
+            skipped.setdefault(e["reason"], []).append(e["name"])
+    for reason, names in skipped.items():
+        lines.append(f"| {', '.join(names)} | skipped: {reason} | | | | | | |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], metrics_path: str | Path,
+                 plots_dir: str | Path) -> None:
+    """metrics JSON + plots/benchmark/{configs.csv, benchmark.png}, each written atomically."""
+    plots_dir = Path(plots_dir)
+    fio.write_json(metrics_path, results)
+    write_csv(results, plots_dir / "configs.csv")
+    write_figure(results, plots_dir / "benchmark.png")
+    log.info("wrote %s and %s", metrics_path, plots_dir)

@@ -1,0 +1,27 @@
+"""Stage `benchmark`: FCN8s inference latency, throughput, peak memory, FLOPs and utilisation
+per configuration, and the fast path (see fcn/benchmark.py for the protocol).
+
+`benchmark.profile: quick` (default) fits the CPU pipeline budget; `dvc exp run -S
+benchmark.profile=full` is the thorough run for a GPU.
+"""
+
+from pathlib import Path
+
+from fcn.benchmark import run_benchmark
+from fcn.benchmark_report import write_report
+from fcn.cli import run_stage, stage_parser
+from fcn.params import load_params
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/benchmark.json"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/benchmark"))
+    args = parser.parse_args()
+    params = load_params(args.params)
+    results = run_benchmark(params.benchmark, params.model)
+    write_report(results, args.metrics, args.plots)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,252 @@
+"""fcn.benchmark / fcn.flops: every configuration reports every field, FLOPs agree with the
+analytic count, the fast path keeps fp32's predictions, unsupported precisions are skipped.
+
+Tiny images on CPU; the figures themselves are never asserted (timing is the stage's job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import fcn.benchmark as bench
+from fcn.benchmark import (FIELDS, MIN_AGREEMENT, Config, PeakRss, benchmark_images,
+                           fastest_config, plan, precision_support, predict_classes,
+                           run_benchmark, to_input, trained_like_model)
+from fcn.benchmark_report import markdown_table, write_report
+from fcn.flops import analytic_flops, counted_flops
+from fcn.model import FCN8s
+from fcn.params import BenchmarkParams, ModelParams
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = BenchmarkParams(device="cpu", height=64, width=128, precisions=["fp32", "tf32", "bf16"],
+                       channels_last=[False, True], quick_warmup=1, quick_iters=2, threads=1,
+                       matmul_size=512)
+NUMBERS = ("latency_ms_median", "latency_ms_p90", "latency_ms_min", "throughput_ips",
+           "first_call_s", "peak_memory_mb", "rss_baseline_mb", "peak_rss_growth_mb",
+           "flops_per_image", "achieved_tflops", "matmul_tflops", "utilisation", "agreement")
+
+
+def _meta_model(**kwargs) -> FCN8s:
+    with torch.device("meta"):
+        return FCN8s(**kwargs)
+
+
+# --- FLOPs ---------------------------------------------------------------------------------
+
+def test_analytic_flops_of_vgg11_bn_at_cityscapes_size():
+    count = analytic_flops(_meta_model(), 1024, 2048)
+    assert count.macs == pytest.approx(316e9, rel=0.01)
+    assert count.flops == pytest.approx(632e9, rel=0.01)
+    assert count.other_ops < 0.01 * count.flops  # BN/ReLU/pool/adds: reported, not counted
+    fc67 = analytic_flops(_meta_model(fc67=True), 1024, 2048)
+    assert fc67.macs - count.macs == pytest.approx(245e9, rel=0.01)
+
+
+@pytest.mark.parametrize("backbone, fc67, height, width", [
+    ("vgg11_bn", False, 1024, 2048), ("vgg11_bn", True, 1024, 2048),
+    ("vgg16", False, 1000, 1999),  # padded to 1024x2016 inside the model
+])
+def test_flop_counter_matches_analytic_count(backbone, fc67, height, width):
+    counted = counted_flops(ModelParams(backbone=backbone, fc67=fc67), height, width)
+    analytic = analytic_flops(_meta_model(backbone=backbone, fc67=fc67), height, width)
+    assert counted == pytest.approx(analytic.flops, rel=0.01)
+
+
+def test_flops_scale_with_batch():
+    one = counted_flops(ModelParams(), 64, 128)
+    assert counted_flops(ModelParams(), 64, 128, batch_size=3) == 3 * one
+
+
+# --- planning, support, memory ---------------------------------------------------------------
+
+def test_profile_picks_its_own_settings():
+    quick, quick_configs = plan(BenchmarkParams(device="cpu"))
+    full, full_configs = plan(BenchmarkParams(device="cpu", profile="full"))
+    assert (quick.warmup, quick.iters) == (1, 2) and {c.batch_size for c in quick_configs} == {1}
+    assert (full.warmup, full.iters) == (10, 50)
+    assert {c.compile for c in full_configs} == {False, True}
+    assert {c.batch_size for c in full_configs} == {1, 2, 4}
+
+
+def test_tf32_is_unsupported_on_cpu_with_a_reason():
+    reason = precision_support(torch.device("cpu"), "tf32")
+    assert reason and "CUDA" in reason
+    assert precision_support(torch.device("cpu"), "fp32") is None
+
+
+@pytest.mark.parametrize("precision, check", [("bf16", "_is_mkldnn_bf16_supported"),
+                                              ("fp16", "_is_mkldnn_fp16_supported")])
+def test_cpu_low_precision_follows_onednn_capability(precision, check):
+    reason = precision_support(torch.device("cpu"), precision)
+    native = getattr(torch.ops.mkldnn, check, None)
+    if native is None:
+        pytest.skip("this torch has no oneDNN capability check")
+    assert (reason is None) == bool(native())
+    if reason is not None:
+        assert "GFLOP/s" in reason and precision in reason
+
+
+def test_peak_rss_sees_an_allocation():
+    rss = PeakRss()
+    rss.reset()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    growth = rss.growth()
+    del block
+    assert growth >= 60 * 2**20
+
+
+# --- a whole tiny run ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("benchmark")
+    results = run_benchmark(TINY, ModelParams(), progress=False)
+    write_report(results, out / "benchmark.json", out / "plots")
+    results["_out"] = str(out)
+    return results
+
+
+def test_json_has_every_field_for_every_configuration(results):
+    out = Path(results["_out"])
+    written = json.loads((out / "benchmark.json").read_text())
+    expected = {c.name for c in plan(TINY)[1]}
+    assert set(written["configs"]) == expected
+    for name, entry in written["configs"].items():
+        assert tuple(entry) == FIELDS, name
+        assert entry["name"] == name and entry["status"] in ("ok", "skipped")
+        if entry["status"] == "ok":
+            assert entry["reason"] is None
+            for key in NUMBERS:
+                assert isinstance(entry[key], (int, float)) and math.isfinite(entry[key]), key
+            assert entry["latency_ms_p90"] >= entry["latency_ms_median"] >= entry["latency_ms_min"]
+            assert entry["memory_method"]
+            assert entry["flops_per_image"] == written["model"]["flops_counted"]
+        else:
+            assert isinstance(entry["reason"], str) and entry["reason"]
+            assert all(entry[key] is None for key in NUMBERS)
+    for key in ("device", "device_name", "torch", "threads", "cudnn_benchmark", "tf32"):
+        assert key in written["environment"]
+    assert written["model"]["counted_over_analytic"] == pytest.approx(1, rel=0.01)
+    assert (out / "plots" / "benchmark.png").stat().st_size > 0
+    rows = (out / "plots" / "configs.csv").read_text().splitlines()
+    ok = [e for e in written["configs"].values() if e["status"] == "ok"]
+    assert len(rows) == 1 + len(ok)
+    assert "skipped" in markdown_table(written)
+
+
+def test_fp32_runs_and_tf32_is_skipped_on_cpu(results):
+    configs = results["configs"]
+    assert configs["fp32-nchw-eager-b1"]["status"] == "ok"
+    assert configs["fp32-cl-eager-b1"]["status"] == "ok"
+    assert configs["fp32-nchw-eager-b1"]["agreement"] == 1.0  # the reference itself
+    for layout in ("nchw", "cl"):
+        entry = configs[f"tf32-{layout}-eager-b1"]
+        assert entry["status"] == "skipped" and "CUDA" in entry["reason"]
+
+
+def test_fast_path_predictions_agree_with_fp32(results):
+    fast = fastest_config(results)
+    assert fast is not None and fast["agreement"] >= MIN_AGREEMENT
+    assert results["fast_path"]["name"] == fast["name"]
+    # Check the claim independently, in this process: same weights, same image.
+    image = benchmark_images(1, TINY.height, TINY.width, TINY.seed)
+    model = trained_like_model(ModelParams(), image[0], TINY.seed)
+    cpu = torch.device("cpu")
+    reference = predict_classes(model, image, cpu, "fp32", False)
+    predicted = predict_classes(model, image, cpu, fast["precision"], fast["channels_last"])
+    assert (predicted == reference).float().mean().item() >= MIN_AGREEMENT
+
+
+def test_trained_like_model_predicts_varied_classes():
+    image = benchmark_images(1, 64, 128, 0)
+    model = trained_like_model(ModelParams(), image[0], 0)
+    with torch.inference_mode():
+        prediction = model(to_input(image, torch.device("cpu"), False)).argmax(1)
+    assert prediction.unique().numel() >= 5  # else agreement would be trivially 100%
+
+
+def test_failing_configuration_is_skipped_with_the_error(monkeypatch):
+    def broken(job):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "_run_isolated", broken)
+    params = dataclasses.replace(TINY, precisions=["fp32"], channels_last=[True])
+    results = run_benchmark(params, ModelParams(), progress=False)
+    entry = results["configs"]["fp32-cl-eager-b1"]
+    assert entry["status"] == "skipped" and "out of memory" in entry["reason"]
+    assert results["fast_path"] is None
+
+
+def _entry(name: str, ips: float, agreement: float | None, status: str = "ok",
+           compile: bool = False) -> dict:
+    return {"name": name, "status": status, "throughput_ips": ips, "agreement": agreement,
+            "compile": compile}
+
+
+def test_fastest_config_needs_agreement_and_can_exclude_compile():
+    results = {"configs": {e["name"]: e for e in (
+        _entry("fp32", 1.0, 1.0), _entry("bf16", 3.0, 0.998),  # faster but changes predictions
+        _entry("fp16", 2.0, 0.9995), _entry("fp16-compiled", 2.5, 0.9995, compile=True),
+        _entry("tf32", 9.0, None, status="skipped"))}}
+    assert fastest_config(results)["name"] == "fp16-compiled"
+    assert fastest_config(results, allow_compile=False)["name"] == "fp16"
+    assert fastest_config(results, min_agreement=0.99)["name"] == "bf16"
+    assert fastest_config({"configs": {"x": _entry("x", 1.0, 0.5)}}) is None
+
+
+def test_config_names_are_unique_and_readable():
+    assert Config("bf16", True, True, 4).name == "bf16-cl-compiled-b4"
+    configs = plan(BenchmarkParams(device="cpu", profile="full"))[1]
+    assert len({c.name for c in configs}) == len(configs)
+
+
+@pytest.mark.slow
+def test_compiled_configuration_reports_compile_time():
+    params = dataclasses.replace(TINY, precisions=["fp32"], channels_last=[True],
+                                 quick_compile=[True])
+    results = run_benchmark(params, ModelParams(), progress=False)
+    entry = results["configs"]["fp32-cl-compiled-b1"]
+    assert entry["status"] == "ok", entry["reason"]
+    assert entry["compile_s"] is not None and entry["compile_s"] >= 0
+    assert entry["agreement"] >= MIN_AGREEMENT
+
+
+@pytest.mark.slow
+def test_stage_writes_metrics_and_plots(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["benchmark"].update(device="cpu", height=64, width=128, precisions=["fp32", "fp16"],
+                               channels_last=[True])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run([sys.executable, str(ROOT / "stages" / "benchmark.py"), "--params",
+                    str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "b.json"),
+                    "--plots", str(tmp_path / "plots")], check=True, cwd=ROOT)
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert written["configs"]["fp32-cl-eager-b1"]["status"] == "ok"
+    assert written["fast_path"]["name"] == "fp32-cl-eager-b1"
+    assert (tmp_path / "plots" / "benchmark.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_reports_allocator_peaks_and_tf32_flags():
+    params = dataclasses.replace(TINY, device="cuda", precisions=["fp32", "tf32", "bf16", "fp16"])
+    results = run_benchmark(params, ModelParams(), progress=False)
+    assert results["environment"]["device_name"] == torch.cuda.get_device_name()
+    for entry in results["configs"].values():
+        if entry["status"] != "ok":
+            assert entry["reason"]
+            continue
+        assert entry["peak_allocated_mb"] > 0 and entry["peak_reserved_mb"] >= entry[
+            "peak_allocated_mb"]
+        assert entry["peak_rss_growth_mb"] is None
+        assert entry["tf32_matmul"] == (entry["precision"] == "tf32")
+    assert results["configs"]["fp32-nchw-eager-b1"]["status"] == "ok"

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from fcn.errors import DataError
@@ -36,6 +35,7 @@ from fcn.labels import CATEGORIES, EVAL_LABELS, ID_TO_LABEL, LABELS, MAX_ID, NUM
 from fcn.layout import mask_path, stem_of
 from fcn.metrics import class_scores
 from fcn.prefetch import read_ahead
+from fcn.pngread import read_png_array
 
 log = logging.getLogger(__name__)
 
@@ -179,35 +179,43 @@ class CityscapesEvaluator:
                             f"{gt_name} is {_size(ground_truth)}")
         check_ids(prediction, pred_name, "prediction")
         check_ids(ground_truth, gt_name, "ground truth")
-        pred = prediction.astype(np.intp, copy=False)
-        gt = ground_truth.astype(np.intp, copy=False)
-        counts = np.bincount((gt * NUM_IDS + pred).ravel(), minlength=NUM_IDS * NUM_IDS)
+        arrays = [prediction, ground_truth]
         if self.instance_scores:
             if instances is None:
                 raise ValueError("instance scores are on: every image needs its instanceIds")
             if instances.shape != ground_truth.shape:
                 raise DataError(f"{inst_name}: instanceIds are {_size(instances)} but the label "
                                 f"ids {gt_name} are {_size(ground_truth)}")
-            self._add_instances(pred, instances, inst_name)
+            arrays.append(instances)
+        pred, gt, *inst, weights = _runs(arrays)
+        key = gt.astype(np.intp) * NUM_IDS + pred
+        counts = _count(key, weights, NUM_IDS * NUM_IDS)
+        if inst:
+            self._add_instances(pred, inst[0], weights, inst_name)
         self.confusion += counts.reshape(NUM_IDS, NUM_IDS)
         self.images += 1
 
-    def _add_instances(self, pred: np.ndarray, instances: np.ndarray, name: str) -> None:
+    def _add_instances(self, pred: np.ndarray, instances: np.ndarray,
+                       weights: np.ndarray | None, name: str) -> None:
+        """Per-instance TP/FN pixel counts, weighted as the script weights them."""
         inside = instances > INSTANCE_ID_OFFSET
-        ids = instances[inside].astype(np.intp, copy=False)
-        if not ids.size:
+        if not inside.any():
             return
+        ids = instances[inside].astype(np.intp)
+        predicted = pred[inside].astype(np.intp)
+        weights = weights[inside] if weights is not None else None
         labels_of = ids // INSTANCE_ID_OFFSET
         if labels_of.max() > MAX_ID:
             bad = sorted({int(i) for i in np.unique(ids[labels_of > MAX_ID])[:5]})
             raise DataError(f"{name}: instance ids {bad} encode label ids above {MAX_ID} "
                             "(instance id = label id * 1000 + k)")
-        predicted = pred[inside]
-        sizes = np.bincount(ids)
-        hits = np.bincount(ids[predicted == labels_of], minlength=sizes.size)
-        same_category = _INSTANCE_CATEGORY[predicted] == _INSTANCE_CATEGORY[labels_of]
-        category_hits = np.bincount(ids[same_category & (_INSTANCE_CATEGORY[labels_of] > 0)],
-                                    minlength=sizes.size)
+        sizes = _count(ids, weights, 0)
+        hit = predicted == labels_of
+        hits = _count(ids[hit], None if weights is None else weights[hit], sizes.size)
+        same_category = ((_INSTANCE_CATEGORY[predicted] == _INSTANCE_CATEGORY[labels_of])
+                         & (_INSTANCE_CATEGORY[labels_of] > 0))
+        category_hits = _count(ids[same_category],
+                               None if weights is None else weights[same_category], sizes.size)
         present = np.flatnonzero(sizes)
         label_ids = present // INSTANCE_ID_OFFSET
         keep = _EVALUATED[label_ids]  # the script skips instances of ignored labels
@@ -282,6 +290,33 @@ class CityscapesEvaluator:
         )
 
 
+def _runs(arrays: Sequence[np.ndarray]) -> list:
+    """Run-length encode arrays jointly (row-major): the value of each at every run start, plus
+    the run lengths. Label maps are piecewise constant, so a 1024x2048 image has some 10^4 runs
+    and everything after this costs next to nothing; when runs are not much fewer than pixels
+    (noise), the pixels themselves are returned with lengths None."""
+    flat = [np.ravel(a) for a in arrays]
+    size = flat[0].size
+    change = np.empty(size, dtype=bool)
+    change[:1] = True
+    np.not_equal(flat[0][1:], flat[0][:-1], out=change[1:])
+    for values in flat[1:]:
+        change[1:] |= values[1:] != values[:-1]
+    starts = np.flatnonzero(change)
+    if starts.size > size // 4:
+        return [*flat, None]
+    lengths = np.diff(starts, append=size)
+    return [*(values[starts] for values in flat), lengths]
+
+
+def _count(keys: np.ndarray, weights: np.ndarray | None, minlength: int) -> np.ndarray:
+    """Exact int64 counts of `keys`, each counted `weights` times (run lengths) if given."""
+    if weights is None:
+        return np.bincount(keys, minlength=minlength)
+    # float64 sums of integers below 2**53 are exact; round-trip to int64
+    return np.rint(np.bincount(keys, weights=weights, minlength=minlength)).astype(np.int64)
+
+
 def _size(array: np.ndarray) -> str:
     return f"{array.shape[1]}x{array.shape[0]}" if array.ndim >= 2 else str(array.shape)
 
@@ -290,7 +325,8 @@ def check_ids(array: np.ndarray, name: str, what: str) -> None:
     """Label ids must lie in the table (0..33): anything else is an error naming the file."""
     if array.size == 0:
         return
-    low, high = int(array.min()), int(array.max())
+    high = int(array.max())
+    low = 0 if array.dtype.kind in "ub" else int(array.min())
     if low >= 0 and high <= MAX_ID:
         return
     bad_mask = (array < 0) | (array > MAX_ID)
@@ -304,9 +340,7 @@ def read_label_png(path: str | Path, what: str) -> np.ndarray:
     """A single-channel label PNG as an integer array; bad files are a DataError naming them."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            mode = image.mode
-            array = np.asarray(image)
+        array, mode = read_png_array(path)
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
     except (OSError, ValueError, SyntaxError) as exc:

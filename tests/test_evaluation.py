@@ -99,8 +99,11 @@ INSTANCE_IDS = [i for i in ALL_IDS if ID_TO_LABEL[i].hasInstances]  # incl. cara
 @st.composite
 def image_triples(draw):
     """Small (prediction, labelIds, instanceIds) with every kind of pixel: ignored labels,
-    instances of ignored classes, groups (plain id), several instances per class."""
+    instances of ignored classes, groups (plain id), several instances per class. Drawn per
+    cell and blown up to blocks of 1 or 7 pixels: pixel noise and piecewise-constant maps take
+    the evaluator's two paths (per pixel / per run)."""
     height, width = draw(st.integers(2, 9)), draw(st.integers(2, 9))
+    block = draw(st.sampled_from([1, 7]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     palette = rng.choice(ALL_IDS, size=draw(st.integers(1, 8)), replace=False)
     gt = rng.choice(palette, size=(height, width)).astype(np.uint8)
@@ -112,7 +115,11 @@ def image_triples(draw):
     pred_palette = np.concatenate([palette, rng.choice(ALL_IDS, size=3)])
     noise = rng.choice(pred_palette, size=gt.shape)
     prediction = np.where(rng.random(gt.shape) < mix, noise, gt).astype(np.uint8)
-    return prediction, gt, instances.astype(np.uint16)
+
+    def blow_up(array: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(array, block, axis=0), block, axis=1)
+
+    return blow_up(prediction), blow_up(gt), blow_up(instances.astype(np.uint16))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -245,3 +252,30 @@ def test_prediction_lookup_is_the_official_one(data, tmp_path):
     (tmp_path / "b" / "frankfurt_000000_000019_pred.png").unlink()
     assert [p.name for p in match_predictions(tmp_path, labels)] == [
         "frankfurt_000000_000019_leftImg8bit.png", "frankfurt_000001_000019.png"]
+
+
+def test_run_length_and_per_pixel_paths_agree(data, monkeypatch):
+    """Real-looking label maps take the run-length path; forcing the per-pixel path (what
+    noisy maps take) gives the same sums exactly."""
+    import fcn.evaluation as evaluation
+
+    gts = [np.asarray(Image.open(g)) for g in data.val_labels]
+    instances = [np.asarray(Image.open(_instances(g))) for g in data.val_labels]
+    predictions = [np.roll(g, 3, axis=1) for g in gts]  # boundary errors, still piecewise
+    assert evaluation._runs([predictions[0], gts[0], instances[0]])[-1] is not None
+
+    def add_all() -> CityscapesEvaluator:
+        evaluator = CityscapesEvaluator()
+        for args in zip(predictions, gts, instances):
+            evaluator.add(*args)
+        return evaluator
+
+    runs = add_all()
+    monkeypatch.setattr(evaluation, "_runs", lambda arrays: [*(np.ravel(a) for a in arrays),
+                                                             None])
+    pixels = add_all()
+    assert np.array_equal(runs.confusion, pixels.confusion)
+    for a, b in ((runs.class_tp, pixels.class_tp), (runs.class_fn, pixels.class_fn),
+                 (runs.category_tp, pixels.category_tp), (runs.category_fn, pixels.category_fn)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert 0 < runs.scores().class_iiou_mean < 1

@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from fcn.errors import DataError
 from fcn.inference import Predictor, predict_stream, read_image
-from fcn.io import atomic_dir, atomic_path
+from fcn.io import atomic_dir, atomic_path, write_bytes
 from fcn.labels import TRAINID_TO_ID
 from fcn.layout import IMAGE_SUFFIX, city_of, list_images, stem_of
 from fcn.params import ExportParams
+from fcn.png import encode_png
 from fcn.prefetch import WriteBehind
 from fcn.visualize import blend, colorize, resize_to_width, spread, write_gif, write_png
 
@@ -58,6 +59,12 @@ class ExportPaths:
         return self.root / "val_predictions.gif"
 
 
+def write_label_png(path: str | Path, label_ids: np.ndarray) -> None:
+    """A uint8 label-id PNG through fcn.png (Up filter, fast deflate): written several times
+    faster than PIL's encoder and read back fast by fcn.pngread; any PNG reader opens it."""
+    write_bytes(path, encode_png(np.ascontiguousarray(label_ids, dtype=np.uint8)))
+
+
 def submission_name(stem: str) -> str:
     """`<city>/<stem>_leftImg8bit.png`: where an image's prediction lives, in folder and zip."""
     return f"{city_of(stem)}/{stem}{IMAGE_SUFFIX}"
@@ -80,7 +87,7 @@ def export_split(predictor: Predictor, data_root: str | Path, paths: ExportPaths
             for image_path, image, _, train_ids in tqdm(stream, total=len(images),
                                                          desc=f"export {paths.split}", unit="img"):
                 stem = stem_of(image_path)
-                writer.submit(write_png, predictions / submission_name(stem),
+                writer.submit(write_label_png, predictions / submission_name(stem),
                               TRAINID_TO_ID[train_ids])
                 if stem in overlay_stems:
                     writer.submit(write_png, overlays / f"overlay_{stem}.png",
@@ -147,7 +154,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
         for image_path, image, _, train_ids in tqdm(stream, total=len(images), desc="predict",
                                                      unit="img"):
             target = out / image_path.relative_to(folder).parent / image_path.stem
-            writer.submit(write_png, f"{target}_labelIds.png", TRAINID_TO_ID[train_ids])
+            writer.submit(write_label_png, f"{target}_labelIds.png", TRAINID_TO_ID[train_ids])
             writer.submit(write_png, f"{target}_overlay.png",
                           blend(image, colorize(train_ids), params.overlay_alpha))
     log.info("wrote predictions of %d images under %s", len(images), out)

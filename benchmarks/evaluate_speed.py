@@ -6,7 +6,9 @@ Writes `--images` 1024x2048 ground truths (labelIds + 16-bit instanceIds, drawn 
 fcn.masks from fcn.synthetic street scenes with extra people and cars up to `--instances`
 instances per image; real val images have about 20) and a prediction for each (the ground
 truth shifted by a few pixels, ignored regions predicted as road, and blocks of wrong classes,
-as a model errs), then times on those same files, per image:
+as a model errs), all through fcn.png as the masks and export stages write them (`--writer pil`:
+through PIL instead, like the masks shipped with real Cityscapes), then times on those same
+files, per image:
 
 - cityscapesScripts 2.3.0: `evaluateImgLists` (its pure-Python path: the Cython extension is
   not built by the PyPI wheel), `evalInstLevelScore = True`, quiet, no JSON output;
@@ -131,10 +133,15 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--instances", type=int, default=20, help="instances per image")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--writer", choices=["pipeline", "pil"], default="pipeline",
+                        help="PNG writer of the files: fcn.png, as the masks and export stages "
+                             "write them (default), or PIL (as the masks shipped with real "
+                             "Cityscapes were written; the 3x target is not asserted then)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = make_files(Path(tmp), args.images, args.height, args.width, args.instances)
+        files = make_files(Path(tmp), args.images, args.height, args.width, args.instances,
+                           args.writer)
         counts = [len(np.unique(np.asarray(Image.open(f.instances))[
             np.asarray(Image.open(f.instances)) > 1000])) for f in files]
         timings: dict[str, list[float]] = {"official": [], "ours, 1 worker": [],
@@ -151,14 +158,15 @@ def main() -> None:
 
     per_image = {key: 1000 * min(values) / args.images for key, values in timings.items()}
     print(f"{args.images} images of {args.height}x{args.width}, "
-          f"{np.mean(counts):.1f} ground-truth instances per image, best of {args.rounds} rounds; "
+          f"{np.mean(counts):.1f} ground-truth instances per image, PNGs written by "
+          f"{'fcn.png' if args.writer == 'pipeline' else 'PIL'}, best of {args.rounds} rounds; "
           "scores agree to 1e-9")
     for key, ms in per_image.items():
         print(f"  {key:<16} {ms:8.1f} ms/image")
     ratio = per_image["official"] / per_image["ours, 1 worker"]
     print(f"  speed-up: {ratio:.1f}x with 1 worker, "
           f"{per_image['official'] / per_image['ours, 2 threads']:.1f}x with 2 threads")
-    if ratio < 3:
+    if ratio < 3 and args.writer == "pipeline":
         raise SystemExit(f"ours is only {ratio:.1f}x faster than cityscapesScripts (need >= 3x)")
 
 

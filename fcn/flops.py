@@ -65,7 +65,8 @@ class _Walker:
             self.conv += module.out_channels * (c // module.groups) * kh * kw * oh * ow
             self.shape = (module.out_channels, oh, ow)
         elif isinstance(module, nn.MaxPool2d):
-            (kh, kw), (sh, sw) = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+            kh, kw = _pair(module.kernel_size)
+            sh, sw = _pair(module.stride or module.kernel_size)
             oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
             self.other += c * oh * ow * (kh * kw - 1)  # comparisons
             self.shape = (c, oh, ow)
@@ -80,7 +81,8 @@ class _Walker:
             raise TypeError(f"no FLOP rule for {type(module).__name__}")
 
 
-def _transposed(module: nn.ConvTranspose2d, shape: tuple[int, int, int]) -> tuple[int, tuple[int, int, int]]:
+def _transposed(module: nn.ConvTranspose2d, shape: tuple[int, int, int]
+                ) -> tuple[int, tuple[int, int, int]]:
     """MACs of a transposed convolution on `shape`, and its output shape."""
     c, h, w = shape
     (kh, kw), (sh, sw) = _pair(module.kernel_size), _pair(module.stride)

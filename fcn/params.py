@@ -104,7 +104,7 @@ Device = Literal["auto", "cpu", "cuda"]
 class EvaluateParams:
     batch_size: int = _p(2, ge=1, help="whole images per forward pass")
     flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
-    precision: Precision = _p("bf16", help="autocast dtype on CUDA; CPU always runs fp32")
+    precision: Precision = _p("fp16", help="autocast dtype on CUDA; CPU always runs fp32")
     channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
     device: Device = _p("auto")
     workers: int = _p(2, ge=1, help="threads decoding images and masks ahead of the model")
@@ -118,7 +118,7 @@ class EvaluateParams:
 class ExportParams:
     batch_size: int = _p(2, ge=1, help="whole images per forward pass")
     flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
-    precision: Precision = _p("bf16", help="autocast dtype on CUDA; CPU always runs fp32")
+    precision: Precision = _p("fp16", help="autocast dtype on CUDA; CPU always runs fp32")
     channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
     device: Device = _p("auto")
     workers: int = _p(2, ge=1, help="threads decoding images and encoding PNGs")

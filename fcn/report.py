@@ -191,9 +191,11 @@ def write_plots(scores: CityscapesScores, panels: dict[str, np.ndarray], paths: 
     """The plots folder is rebuilt beside the old one and swapped in whole."""
     final = paths.plots
     with atomic_dir(final) as tmp:
-        bars = [{"class": name, "iou": value} for name, value in scores.class_iou.items()
-                if not math.isnan(value)]
-        write_text(tmp / paths.class_iou.name, _csv(bars) if bars else "class,iou\n")
+        # every class, so the chart always has its 19 rows; undefined IoU (no pixel of the class
+        # in truth or prediction) is left empty, not drawn as a zero bar
+        bars = [{"class": name, "iou": "" if math.isnan(value) else value}
+                for name, value in scores.class_iou.items()]
+        write_text(tmp / paths.class_iou.name, _csv(bars))
         confusion_heatmap(tmp / paths.confusion.name, scores.trainid_confusion())
         for stem, panel in panels.items():
             write_png(tmp / paths.samples.name / f"{stem}.png", panel)

@@ -105,8 +105,10 @@ def test_exported_val_predictions_score_the_same_in_the_official_evaluator_and_o
     plots = tmp_path / "plots" / "evaluate"
     with (plots / "class_iou.csv").open() as f:
         bars = list(csv.DictReader(f))
-    assert [b["class"] for b in bars] == [n for n in CLASS_NAMES
-                                          if not math.isnan(official["classScores"][n])]
+    assert [b["class"] for b in bars] == list(CLASS_NAMES)
+    for bar in bars:
+        official_iou = official["classScores"][bar["class"]]
+        assert bar["iou"] == ("" if math.isnan(official_iou) else repr(official_iou))
     assert Image.open(plots / "confusion.png").size[0] > 400
     samples = sorted((plots / "samples").iterdir())
     assert len(samples) == 3
@@ -215,6 +217,19 @@ def test_missing_ground_truth(data, tmp_path, monkeypatch, caplog):
     assert run("evaluate", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 1
     assert f"{missing}: ground-truth file not found" in caplog.text
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+
+
+def test_ground_truth_of_another_size(data, tmp_path, monkeypatch, caplog):
+    generated = tmp_path / "generated"
+    shutil.copytree(data.generated, generated)
+    labels = generated / "gtFine" / "val" / "frankfurt" / "frankfurt_000001_000019_gtFine_labelIds.png"
+    Image.fromarray(np.asarray(Image.open(labels))[:, :100]).save(labels)
+    params = write_params(tmp_path, data, data={"root": str(data.root),
+                                                "generated": str(generated)})
+    assert run("evaluate", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 1
+    assert "frankfurt_000001_000019_leftImg8bit.png: prediction is 128x64" in caplog.text
+    assert f"{labels} is 100x64" in caplog.text
+    assert not (tmp_path / "metrics").exists()
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,14 @@ def test_prediction_ids_outside_the_table(one_image, tmp_path):
     assert "[34]" in message and "x=7, y=5" in message
 
 
+def test_ground_truth_ids_outside_the_table(one_image, tmp_path):
+    labels, instances, gt = one_image
+    bad = _write(tmp_path / "x_gtFine_labelIds.png", np.where(gt == 7, 40, gt).astype(np.uint8))
+    with pytest.raises(DataError) as info:
+        evaluate_files([EvalFiles(labels, bad, instances)])
+    assert str(bad) in str(info.value) and "ground truth holds ids outside" in str(info.value)
+
+
 def test_trainids_instead_of_ids_are_caught(one_image, tmp_path):
     labels, instances, gt = one_image
     pred = _write(tmp_path / "x_pred.png", ID_TO_TRAINID[gt])  # 255 where ignored

@@ -108,7 +108,7 @@ def test_exported_val_predictions_score_the_same_in_the_official_evaluator_and_o
     assert [b["class"] for b in bars] == list(CLASS_NAMES)
     for bar in bars:
         official_iou = official["classScores"][bar["class"]]
-        assert bar["iou"] == ("" if math.isnan(official_iou) else repr(official_iou))
+        assert bar["iou"] == ("" if math.isnan(official_iou) else repr(float(official_iou)))
     assert Image.open(plots / "confusion.png").size[0] > 400
     samples = sorted((plots / "samples").iterdir())
     assert len(samples) == 3

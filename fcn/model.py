@@ -64,6 +64,25 @@ def split_at_pools(features: nn.Sequential) -> tuple[nn.Sequential, nn.Sequentia
     return features[: p3 + 1], features[p3 + 1 : p4 + 1], features[p4 + 1 : p5 + 1]
 
 
+VGG_CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+
+
+def vgg_features(backbone: str) -> nn.Sequential:
+    """torchvision's `vgg*.features`, initialised as torchvision does, without building the
+    120M-parameter classifier that FCN8s throws away (that cost seconds per model)."""
+    name = backbone.removesuffix("_bn")
+    features = torchvision.models.vgg.make_layers(
+        torchvision.models.vgg.cfgs[VGG_CONFIGS[name]], batch_norm=backbone.endswith("_bn"))
+    for module in features.modules():  # the feature part of torchvision's VGG.__init__
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return features
+
+
 def _out_channels(block: nn.Sequential) -> int:
     return [m for m in block if isinstance(m, nn.Conv2d)][-1].out_channels
 
@@ -81,8 +100,7 @@ class FCN8s(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
         self.backbone_name = backbone
         self.num_classes = num_classes
-        vgg = torchvision.models.get_model(backbone, weights=None)
-        self.to_pool3, self.to_pool4, self.to_pool5 = split_at_pools(vgg.features)
+        self.to_pool3, self.to_pool4, self.to_pool5 = split_at_pools(vgg_features(backbone))
         top_channels = _out_channels(self.to_pool5)
         if fc67:
             self.head: nn.Module = nn.Sequential(

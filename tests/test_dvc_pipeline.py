@@ -1,0 +1,237 @@
+"""The DVC experience end to end, driven through the real `dvc` command on a tiny pipeline.
+
+One copy of the project (tiny params, its own git repo) is reproduced once per module; each
+test then asks what a user would: does a second `dvc repro` do nothing, does changing one
+param rerun exactly the stages downstream of it (and does setting it back restore from the
+run-cache), does `dvc exp run -S` record an experiment that `dvc exp show`/`metrics diff`
+report, and does `dvc plots show` write the curves, per-class IoU, confusion and samples.
+A stage not yet declared in dvc.yaml makes the part that needs it skip, naming the stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cdp import Chromium, find_chromium, render_plots_page
+from dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, git,
+                      make_tiny, missing, ran_stages, read_params, run, set_param, stages)
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 2  # two points per training curve: a line, not a dot
+
+
+@dataclass
+class Pipeline:
+    """The reproduced copy and what its first `dvc repro` printed."""
+
+    repo: Path
+    first: Result
+    params: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    repo = copy_project(tmp_path_factory.mktemp("pipeline") / "project")
+    params = make_tiny(repo)
+    if "epochs" in params.get("train", {}):
+        set_param(repo, "train.epochs", EPOCHS)
+    commit_all(repo, "tiny pipeline")
+    first = dvc(repo, "repro")
+    commit_all(repo, "dvc repro")  # dvc.lock and the small metrics, as the project commits them
+    yield Pipeline(repo, first, read_params(repo))
+
+
+def _skip_if_missing(repo: Path, *needed: str) -> None:
+    absent = missing(repo, needed)
+    if absent:
+        pytest.skip(f"stage(s) not in dvc.yaml yet: {', '.join(absent)}")
+
+
+def test_repro_runs_every_stage(pipeline: Pipeline) -> None:
+    declared = set(stages(pipeline.repo))
+    assert ran_stages(pipeline.first.output) == declared
+    assert "Data and pipelines are up to date." in dvc(pipeline.repo, "status").output
+    _skip_if_missing(pipeline.repo, *PIPELINE)
+
+
+def test_second_repro_runs_nothing_and_says_so(pipeline: Pipeline) -> None:
+    again = dvc(pipeline.repo, "repro")
+    assert ran_stages(again.output) == set()
+    assert "Data and pipelines are up to date." in again.output
+    for name in stages(pipeline.repo):
+        assert f"Stage '{name}' didn't change, skipping" in again.output
+    assert git(pipeline.repo, "status", "--porcelain", "--", "dvc.lock") == ""
+    _skip_if_missing(pipeline.repo, *PIPELINE)
+
+
+# (section, keys to try in order, stages expected to rerun): evaluate, export and benchmark
+# are leaves of the graph, so a param of theirs reruns that stage alone.
+LEAF_PARAMS = [
+    ("evaluate", ("samples", "sample_width", "batch_size"), {"evaluate"}),
+    ("export", ("overlays", "gif_frames", "gif_width"), {"export"}),
+    ("benchmark", ("quick_iters", "iters", "seed"), {"benchmark"}),
+]
+
+
+def _changed(value: Any) -> Any:
+    return (not value) if isinstance(value, bool) else value + 1
+
+
+@pytest.mark.parametrize(("section", "keys", "expected"), LEAF_PARAMS,
+                         ids=[s for s, _, _ in LEAF_PARAMS])
+def test_changing_a_param_reruns_only_its_stage_and_setting_it_back_uses_the_run_cache(
+        pipeline: Pipeline, section: str, keys: tuple[str, ...], expected: set[str]) -> None:
+    _skip_if_missing(pipeline.repo, section)
+    repo = pipeline.repo
+    key = next((k for k in keys if k in pipeline.params.get(section, {})), None)
+    if key is None:
+        pytest.skip(f"none of {section}.{{{', '.join(keys)}}} in params.yaml")
+    dotted = f"{section}.{key}"
+    lock_before = (repo / "dvc.lock").read_text(encoding="utf-8")
+    old = set_param(repo, dotted, _changed(pipeline.params[section][key]))
+    try:
+        status = dvc(repo, "status", "--json")
+        assert set(json.loads(status.stdout)) == expected, status.stdout
+        rerun = dvc(repo, "repro")
+        assert ran_stages(rerun.output) == expected, rerun.output
+    finally:
+        set_param(repo, dotted, old)
+    back = dvc(repo, "repro")
+    assert ran_stages(back.output) == set(), back.output
+    for name in expected:
+        assert f"Stage '{name}' is cached - skipping run, checking out outputs" in back.output
+    assert (repo / "dvc.lock").read_text(encoding="utf-8") == lock_before
+    assert "Data and pipelines are up to date." in dvc(repo, "status").output
+
+
+def _experiments(show: Any) -> list[dict[str, Any]]:
+    """Every row (baseline and experiments) of `dvc exp show --json`, flattened."""
+    rows: list[dict[str, Any]] = []
+    for entry in show:
+        rows.append(entry)
+        for group in entry.get("experiments") or []:
+            rows.extend(group.get("revs") or [])
+    return rows
+
+
+def _files_data(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    data = row.get("data") or {}
+    return {path: (content or {}).get("data", {}) for path, content in (data.get(kind) or {}).items()}
+
+
+def test_exp_run_records_an_experiment_that_exp_show_and_metrics_diff_report(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    _skip_if_missing(pipeline.repo, "train")
+    repo = tmp_path / "exp"
+    shutil.copytree(pipeline.repo, repo, symlinks=True)  # exp run leaves its results in the workspace
+    epochs = EPOCHS + 1
+    ran = dvc(repo, "exp", "run", "-n", "more-epochs", "-S", f"train.epochs={epochs}")
+    declared = stages(repo)
+    # a train param reruns train and what reads the model, never the data stages
+    assert ran_stages(ran.output) >= {"train"} & set(declared)
+    assert ran_stages(ran.output).isdisjoint({"synthesize", "masks", "benchmark"})
+    assert {"evaluate", "export"} & set(declared) <= ran_stages(ran.output)
+
+    rows = _experiments(json.loads(dvc(repo, "exp", "show", "--json").stdout))
+    exp = next((r for r in rows if r.get("name") == "more-epochs"), None)
+    assert exp is not None, [r.get("name") for r in rows]
+    assert _files_data(exp, "params")["params.yaml"]["train"]["epochs"] == epochs
+    metrics = _files_data(exp, "metrics")
+    train_metrics = next(v for k, v in metrics.items() if k.startswith("metrics/train"))
+    assert train_metrics["step"] == epochs - 1  # DVCLive counts steps (epochs) from 0
+
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
+    train_diff = next(v for k, v in diff.items() if k.startswith("metrics/train"))
+    assert train_diff["step"] == {"old": EPOCHS - 1, "new": epochs - 1, "diff": 1}
+    params_diff = json.loads(dvc(repo, "params", "diff", "--json").stdout)
+    epochs_diff = params_diff["params.yaml"]["train.epochs"]
+    assert (epochs_diff["old"], epochs_diff["new"]) == (EPOCHS, epochs)
+    _skip_if_missing(repo, "evaluate")
+    assert "metrics/evaluate.json" in diff, sorted(diff)
+    assert "class_iou_mean" in metrics["metrics/evaluate.json"]
+
+
+def _plot_sources(definition: Any) -> tuple[str, dict[str, Any], list[str]]:
+    """(id, properties, data files) of one entry of dvc.yaml's top-level `plots:`."""
+    if isinstance(definition, str):
+        return definition, {}, [definition]
+    ((name, props),) = definition.items()
+    props = props or {}
+    y = props.get("y")
+    files = list(y) if isinstance(y, dict) else [name]
+    return name, props, files
+
+
+def test_plots_show_writes_curves_class_iou_confusion_and_samples(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    repo = pipeline.repo
+    dvc(repo, "plots", "show")
+    page = repo / "dvc_plots" / "index.html"
+    html = page.read_text(encoding="utf-8")
+    from dvc_render.base import Renderer  # DVC's plot-name -> div-id rule
+
+    plots = [_plot_sources(p) for p in yaml.safe_load((repo / "dvc.yaml").read_text())
+             .get("plots", [])]
+    curves = [(n, p) for n, p, files in plots
+              if p.get("x") in ("step", "epoch") and all(f.startswith("metrics/train/") for f in files)]
+    class_iou = [(n, p) for n, p, files in plots
+                 if p.get("template") == "bar_horizontal" and "iou" in n.lower()]
+    images = sorted((repo / "dvc_plots" / "static").glob("*")) if (repo / "dvc_plots" / "static").exists() else []
+    confusion = [i for i in images if "confusion" in i.name]
+    samples = [i for i in images if "sample" in i.name]
+
+    rendered = None
+    executable = find_chromium()
+    if executable:
+        with Chromium(executable) as chromium:
+            rendered = render_plots_page(chromium, page, screenshot=tmp_path / "plots.png")
+        assert rendered.remote_requests() == [] and rendered.report.exceptions == []
+        assert sorted(rendered.charts) == sorted(rendered.chart_ids)
+        assert all(i["loaded"] for i in rendered.images)
+
+    needed = []
+    if "train" in stages(repo):
+        assert curves, "no training curves (x: step) declared in dvc.yaml plots"
+        for name, _ in curves:
+            div = Renderer.remove_special_chars(name)
+            assert f'vegaEmbed(\'#{div}\'' in html, name
+            if rendered:  # one vertex per epoch on every series of the curve
+                assert max(rendered.charts[div]["line_points"], default=0) == EPOCHS, \
+                    (name, rendered.charts[div])
+    else:
+        needed.append("train")
+    if "evaluate" in stages(repo):
+        assert class_iou, "no per-class IoU bar_horizontal plot declared"
+        name, props = class_iou[0]
+        div = Renderer.remove_special_chars(name)
+        assert f'vegaEmbed(\'#{div}\'' in html
+        with (repo / name).open(newline="") as f:
+            classes = sum(1 for _ in csv.DictReader(f))
+        assert classes == 19  # the evaluated Cityscapes classes
+        if rendered:
+            assert rendered.charts[div]["rects"] == classes
+        confusion_divs = [d for d in rendered.charts if "confusion" in d] if rendered else []
+        assert confusion or confusion_divs, "no confusion heatmap (PNG or vega) in the page"
+        for png in confusion:
+            assert f'src="static/{png.name}"' in html
+        synth = pipeline.params["synthesize"]
+        val_images = synth["val_per_city"] * len(synth["val_cities"])
+        assert len(samples) == min(pipeline.params["evaluate"]["samples"], val_images), \
+            [i.name for i in images]
+        for png in samples:
+            assert re.search(rf'<img src="static/{re.escape(png.name)}"', html)
+    else:
+        needed.append("evaluate")
+    if needed:
+        pytest.skip(f"stage(s) not in dvc.yaml yet: {', '.join(needed)}")

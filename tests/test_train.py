@@ -120,13 +120,13 @@ def test_changed_params_refuse_the_old_checkpoint(tiny_dataset, masks, tmp_path)
     again = _run(base, tmp_path)
     assert "resuming from" in again.stderr and "nothing to do" in again.stderr
 
-    base["train"]["lr"] = 0.002
+    base["train"]["lr"] = 0.004
     changed = _run(base, tmp_path)
     assert "trained with other parameters" in changed.stderr
-    assert "starting fresh" in changed.stderr and "train.lr: 0.001 -> 0.002" in changed.stderr
+    assert "starting fresh" in changed.stderr and "train.lr: 0.002 -> 0.004" in changed.stderr
     second = ckpt.load(tmp_path / "models" / "last.pt")
     assert second["epoch"] == 1 and second["params_hash"] != first["params_hash"]
-    assert second["hashed_params"]["train"]["lr"] == 0.002
+    assert second["hashed_params"]["train"]["lr"] == 0.004
 
 
 @pytest.mark.slow
@@ -207,7 +207,7 @@ def test_a_few_images_overfit_to_miou_above_0_9(tiny_dataset, masks):
                                 train_transform([64, 128], [1.0, 1.0], False, 0.0))
     train.pairs = train.pairs[:2]
     loader = DataLoader(train, batch_size=2, sampler=SeededSampler(train, seed=0))
-    params = TrainParams(lr=2e-3, epochs=100, weight_decay=0.0)
+    params = TrainParams(lr=2e-3, epochs=80, weight_decay=0.0)  # 1 step per epoch
     model = FCN8s("vgg11_bn")
     optimizer = build_optimizer(model, params)
     scheduler = build_scheduler(optimizer, params, len(loader))

@@ -24,7 +24,7 @@ import yaml
 
 from cdp import Chromium, find_chromium, render_plots_page
 from dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, git,
-                      make_tiny, missing, ran_stages, read_params, run, set_param, stages)
+                      make_tiny, missing, ran_stages, read_params, set_param, stages)
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,10 @@ Peak memory:
 
 Utilisation = achieved FLOP/s (FlopCounterMode's count of one forward × batch / median latency)
 ÷ the device's dense matmul FLOP/s, measured in the same process at the same precision (square
-matmul_size matmuls, best of MATMUL_REPS, before and after the model runs; the better counts).
+matmul_size matmuls, each figure the best of MATMUL_REPS). On CUDA the better of one taken
+before and one after the model runs counts; on a CPU, which other work may share, a matmul
+figure is also taken after every timed call and the median of all counts, so that latency and
+matmul rate see the same load (the memory peak excludes those matmuls).
 
 Precisions: `fp32` is strict fp32 (TF32 off) and is the reference for agreement; `tf32` is fp32
 storage with TF32 tensor-core math (CUDA ≥ sm80); `bf16`/`fp16` run under autocast, as
@@ -316,6 +319,7 @@ class PeakRss:
     def __init__(self) -> None:
         self.method = "VmHWM - VmRSS after /proc/self/clear_refs reset"
         self.baseline = 0
+        self.peak = 0
 
     @staticmethod
     def _status(key: str) -> int:
@@ -330,7 +334,9 @@ class PeakRss:
         return peak if sys.platform == "darwin" else peak * 1024
 
     def reset(self) -> None:
+        """Take the current resident size as the baseline and start watching for the peak."""
         gc.collect()
+        self.peak = 0
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.baseline = self._status("VmRSS")
@@ -338,9 +344,19 @@ class PeakRss:
             self.method = "ru_maxrss growth (lower bound: no /proc peak reset)"
             self.baseline = self._maxrss()
 
+    def checkpoint(self) -> None:
+        """Fold the peak since the last (re)arming into the result."""
+        high = self._maxrss() if self.method.startswith("ru_maxrss") else self._status("VmHWM")
+        self.peak = max(self.peak, high - self.baseline)
+
+    def rearm(self) -> None:
+        """Restart the high-water mark (same baseline), so work done between checkpoint() and
+        rearm() (the interleaved matmul) does not count."""
+        if not self.method.startswith("ru_maxrss"):
+            Path("/proc/self/clear_refs").write_text("5")
+
     def growth(self) -> int:
-        peak = self._maxrss() if self.method.startswith("ru_maxrss") else self._status("VmHWM")
-        return max(0, peak - self.baseline)
+        return max(0, self.peak)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -358,11 +374,13 @@ def measure(job: Job) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = protocol.cudnn_benchmark
         tf32 = _set_tf32(config.precision == "tf32")
-    # The dense matmul rate is taken before and after the model runs, and the better one
-    # counts: on a shared machine that is the least disturbed figure of the two.
+    # The dense matmul rate at this precision, in this process. CUDA (a dedicated device):
+    # before and after the model runs, the better counts. CPU (shared with whatever else the
+    # machine runs): after every timed call too, and the median counts, so that the rate and
+    # the latency are measured under the same load.
     matmul_args = (device, DTYPES[config.precision], protocol.matmul_size,
                    MATMUL_REPS[device.type])
-    matmul_before = _matmul_rate(*matmul_args)
+    matmul_rates = [_matmul_rate(*matmul_args)]
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = FCN8s(job.model.backbone, NUM_CLASSES, job.model.fc67, job.model.fc_channels)
     model.load_state_dict(torch.load(job.state_path, map_location="cpu", weights_only=True))
@@ -406,12 +424,16 @@ def measure(job: Job) -> dict[str, Any]:
             torch.cuda.synchronize(device)
             latencies = [begin.elapsed_time(end) / 1e3 for begin, end in events]
         else:
+            rss.checkpoint()  # the warm-up's peak
             for i in range(protocol.iters):
+                rss.rearm()
                 start = time.perf_counter()
                 out = model(x)
                 latencies.append(time.perf_counter() - start)
+                rss.checkpoint()
                 if i < protocol.iters - 1:
                     del out
+                matmul_rates.append(_matmul_rate(*matmul_args))
         prediction = out[0].argmax(0).to(torch.uint8).cpu().numpy()
     result: dict[str, Any] = {"latencies_s": latencies, "first_call_s": first_call,
                               "prediction": prediction, "tf32_matmul": tf32[0],
@@ -429,7 +451,11 @@ def measure(job: Job) -> dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    result["matmul_flops"] = max(matmul_before, _matmul_rate(*matmul_args))
+    matmul_rates.append(_matmul_rate(*matmul_args))
+    if device.type == "cuda":
+        result["matmul_flops"] = max(matmul_rates)
+    else:
+        result["matmul_flops"] = statistics.median(matmul_rates)
     return result
 
 
@@ -580,6 +606,9 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
         "protocol": {**dataclasses.asdict(protocol), "weights": params.weights,
                      "timed": "model forward (logits) on an input already on the device",
                      "matmul_reps": MATMUL_REPS[device.type],
+                     "matmul_rate": ("best of the rates before and after the model runs"
+                                     if device.type == "cuda" else "median of the rates before, "
+                                     "after each timed call, and at the end"),
                      "agreement_reference": reference.name, "min_agreement": MIN_AGREEMENT},
         "model": {"backbone": model_params.backbone, "fc67": model_params.fc67,
                   "flops_counted": flops, "flops_analytic": analytic.flops,

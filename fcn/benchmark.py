@@ -559,7 +559,9 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
              model_params.backbone, protocol.height, protocol.width, flops / 1e9,
              analytic.flops / 1e9)
 
-    reference = Config("fp32", False, False, min(c.batch_size for c in configs))
+    # Agreement reference: fp32, eager, smallest batch, the first layout asked for (so a run
+    # of channels_last only needs no extra reference run).
+    reference = Config("fp32", params.channels_last[0], False, min(c.batch_size for c in configs))
     entries = {c.name: _entry(c, protocol) for c in configs}
     predictions: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="fcn-benchmark-") as tmp:

@@ -32,6 +32,7 @@ TINY = BenchmarkParams(device="cpu", height=64, width=128, precisions=["fp32", "
                        channels_last=[False, True], quick_warmup=1, quick_iters=2, threads=1,
                        matmul_size=512)
 NUMBERS = ("latency_ms_median", "latency_ms_p90", "latency_ms_min", "throughput_ips",
+           "throughput_ips_load_corrected",
            "first_call_s", "peak_memory_mb", "rss_baseline_mb", "peak_rss_growth_mb",
            "flops_per_image", "achieved_tflops", "matmul_tflops", "utilisation", "agreement")
 
@@ -211,6 +212,16 @@ def test_fastest_config_needs_agreement_and_can_exclude_compile():
     assert fastest_config(results, allow_compile=False)["name"] == "fp16"
     assert fastest_config(results, min_agreement=0.99)["name"] == "bf16"
     assert fastest_config({"configs": {"x": _entry("x", 1.0, 0.5)}}) is None
+
+
+def test_fast_path_ranking_corrects_for_machine_load():
+    # Measured while other jobs ran: "cl" got half the matmul rate that "nchw" got.
+    entries = {"nchw": {**_entry("nchw", 0.10, 1.0), "precision": "fp32", "matmul_tflops": 0.11},
+               "cl": {**_entry("cl", 0.07, 1.0), "precision": "fp32", "matmul_tflops": 0.06}}
+    bench._correct_for_load(entries)
+    assert entries["nchw"]["throughput_ips_load_corrected"] == pytest.approx(0.10)
+    assert entries["cl"]["throughput_ips_load_corrected"] == pytest.approx(0.07 * 0.11 / 0.06)
+    assert fastest_config({"configs": entries})["name"] == "cl"
 
 
 def test_config_names_are_unique_and_readable():

@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -38,10 +41,6 @@ METRICS = ("loss", "miou", "mean_dice", "mean_pixel_accuracy", "pixel_accuracy")
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -232,8 +231,6 @@ def gather_rng_states(context: Context) -> list[dict[str, Any]]:
     state = ckpt.rng_state()
     if not context.distributed:
         return [state]
-    import torch.distributed as dist
-
     gathered: list[Any] = [None] * context.world_size if context.is_main else []
     dist.gather_object(state, gathered if context.is_main else None, dst=0)
     return gathered

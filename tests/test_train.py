@@ -3,8 +3,8 @@ DDP, NaN guard, an overfit run, and the checkpoint format other stages rely on."
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -144,8 +144,6 @@ def test_two_process_ddp_logs_the_val_miou_of_the_saved_model(tiny_dataset, mask
     assert scores["miou"] == logged["val/miou"]
     assert scores["mean_dice"] == logged["val/mean_dice"]
     assert math.isclose(result.loss, logged["val/loss"], rel_tol=1e-6)
-    import json
-
     live = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert live["val"]["miou"] == logged["val/miou"]
 

@@ -67,6 +67,10 @@ def setup(device_choice: str) -> Context:
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_choice, local_rank)
     if device.type == "cuda":
+        if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
+            raise FcnError(f"train.nproc {os.environ['LOCAL_WORLD_SIZE']} exceeds the "
+                           f"{torch.cuda.device_count()} CUDA device(s) here: NCCL needs one "
+                           "GPU per process (lower train.nproc, or set train.device to cpu)")
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Context(dist.get_rank(), dist.get_world_size(), device)

@@ -56,7 +56,7 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
-from fcn.errors import FcnError
+from fcn.distributed import resolve_device
 from fcn.flops import analytic_flops, counted_flops
 from fcn.labels import NUM_CLASSES
 from fcn.model import FCN8s
@@ -119,7 +119,7 @@ class Protocol:
 def plan(params: BenchmarkParams) -> tuple[Protocol, list[Config]]:
     """The protocol and the configurations `params` ask for (the profile picks quick_*/full_*)."""
     quick = params.profile == "quick"
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, setting="benchmark.device")
     protocol = Protocol(
         profile=params.profile, device=device.type,
         height=params.height, width=params.width,
@@ -133,16 +133,6 @@ def plan(params: BenchmarkParams) -> tuple[Protocol, list[Config]]:
     configs = [Config(p, cl, c, b) for p in params.precisions for cl in params.channels_last
                for c in compiles for b in batch_sizes]
     return protocol, configs
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; 'cuda' without CUDA is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FcnError("benchmark.device is 'cuda' but CUDA is not available on this machine "
-                       "(use 'auto' or 'cpu')")
-    return torch.device(name)
 
 
 # --- what the device supports -------------------------------------------------------------

@@ -50,11 +50,12 @@ def relaunch(nproc: int, script: str, args: Sequence[str]) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """'auto' → CUDA when present, else CPU; 'cuda' without a GPU is an error."""
+def resolve_device(choice: str, local_rank: int = 0, setting: str = "device") -> torch.device:
+    """'auto' → CUDA when present (this rank's GPU), else CPU; 'cuda' without a GPU is an
+    input error naming the parameter `setting` (e.g. 'train.device')."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise FcnError("train.device is 'cuda' but no CUDA device is available "
-                       "(set train.device to 'auto' or 'cpu')")
+        raise FcnError(f"{setting} is 'cuda' but CUDA is not available on this machine "
+                       f"(set {setting} to 'auto' or 'cpu')")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -63,9 +64,9 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
 def setup(device_choice: str) -> Context:
     """Join the process group when under torchrun; a 1-process context otherwise."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return Context(0, 1, resolve_device(device_choice))
+        return Context(0, 1, resolve_device(device_choice, setting="train.device"))
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = resolve_device(device_choice, local_rank)
+    device = resolve_device(device_choice, local_rank, "train.device")
     if device.type == "cuda":
         if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
             raise FcnError(f"train.nproc {os.environ['LOCAL_WORLD_SIZE']} exceeds the "

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcn.errors import DataError, FcnError
+from fcn.distributed import resolve_device
+from fcn.errors import DataError
 from fcn.labels import NUM_CLASSES
 from fcn.model import FCN8s
 from fcn.params import ModelParams
@@ -30,16 +31,6 @@ P = TypeVar("P")
 CHECKPOINT_KEYS = ("model", "model_params", "num_classes")
 SHAPE_PARAMS = ("backbone", "fc67", "fc_channels")
 """The model parameters that decide the architecture (`weights` only says how training began)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; asking for CUDA without it is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FcnError("device 'cuda' requested but CUDA is not available on this machine "
-                       "(set the stage's device to 'auto' or 'cpu')")
-    return torch.device(name)
 
 
 def load_checkpoint_model(path: str | Path, params: ModelParams) -> FCN8s:

@@ -9,14 +9,14 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
 
-.PHONY: install install-test repro test clean browser
+.PHONY: install repro test clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, cityscapesscripts" 
+	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, isal, cityscapesscripts"
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,14 +38,20 @@ def mask_path(root: str | Path, split: str, stem: str, encoding: str) -> Path:
     return Path(root) / "gtFine" / split / city_of(stem) / f"{stem}_gtFine_{encoding}.png"
 
 
+def split_files(folder: Path, suffix: str, what: str, noun: str = "") -> list[Path]:
+    """Every `<city>/*<suffix>` file under a split folder, sorted; a missing folder or an
+    empty split is an error naming the folder (a wrong data.root is the usual cause)."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found (is data.root right?)")
+    files = sorted(folder.glob(f"*/*{suffix}"))
+    if not files:
+        raise DataError(f"{folder}: no *{suffix}{noun} in <city>/ sub-folders")
+    return files
+
+
 def list_images(root: str | Path, split: str) -> list[Path]:
     """Every `*_leftImg8bit.png` of a split, sorted by city then stem; an empty split is an error."""
-    folder = Path(root) / "leftImg8bit" / split
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found (is data.root right?)")
-    images = sorted(folder.glob(f"*/*{IMAGE_SUFFIX}"))
-    if not images:
-        raise DataError(f"{folder}: no *{IMAGE_SUFFIX} images in <city>/ sub-folders")
+    images = split_files(Path(root) / "leftImg8bit" / split, IMAGE_SUFFIX, "image", " images")
     for image in images:
         stem_of(image)  # every name must carry its key
     return images

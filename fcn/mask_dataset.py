@@ -47,12 +47,7 @@ def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
     root = Path(root)
     items = []
     for split in splits:
-        folder = root / "gtFine" / split
-        if not folder.is_dir():
-            raise DataError(f"{folder}: annotation folder not found (is data.root right?)")
-        files = sorted(folder.glob(f"*/*{POLYGONS_SUFFIX}"))
-        if not files:
-            raise DataError(f"{folder}: no *{POLYGONS_SUFFIX} in <city>/ sub-folders")
+        files = layout.split_files(root / "gtFine" / split, POLYGONS_SUFFIX, "annotation")
         for path in files:
             stem = path.name.removesuffix(POLYGONS_SUFFIX)
             if layout.stem_of(path) != stem or layout.city_of(stem) != path.parent.name:

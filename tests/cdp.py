@@ -239,6 +239,7 @@ _PLOTS_JS = """(() => {
       line_points: lines.map(d => (d.match(/[ML]/g) || []).length),
       rects: svg.querySelectorAll('g.mark-rect path').length,
       marks: svg.querySelectorAll('g.role-mark > *').length,
+      axis_labels: [...svg.querySelectorAll('g.role-axis-label text')].map(t => t.textContent),
     };
   }
   const images = [...document.querySelectorAll('img')].map(i => ({

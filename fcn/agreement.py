@@ -77,9 +77,8 @@ def difference(ours: np.ndarray, shipped: np.ndarray, path: str | Path) -> np.nd
     return unequal.any(axis=2) if unequal.ndim == 3 else unequal
 
 
-def summarize(results: Sequence[ImageResult], encodings: Sequence[str], worst: int,
-              root: str) -> dict[str, Any]:
-    """The metrics/masks.json content: counts, agreement per encoding, the worst images."""
+def summarize(results: Sequence[ImageResult], encodings: Sequence[str]) -> dict[str, Any]:
+    """The metrics/masks.json content: counts and pixel agreement per shipped encoding."""
     per_split: dict[str, int] = {}
     for r in results:
         per_split[r.split] = per_split.get(r.split, 0) + 1
@@ -92,12 +91,6 @@ def summarize(results: Sequence[ImageResult], encodings: Sequence[str], worst: i
         "shipped_masks": sum(len(r.differing) for r in results),
     }
     shipped_encodings = [e for e in ENCODING_ORDER if any(e in r.differing for r in results)]
-    if not shipped_encodings:
-        report["agreement"] = None
-        report["note"] = (f"no *_gtFine_{{labelIds,labelTrainIds,color,instanceIds}}.png next to "
-                          f"the polygons under {root}: nothing to compare with")
-        report["worst"] = []
-        return report
     agreement = {}
     for encoding in shipped_encodings:
         compared = [r for r in results if encoding in r.differing]
@@ -113,14 +106,22 @@ def summarize(results: Sequence[ImageResult], encodings: Sequence[str], worst: i
             "min_per_image": min(per_image),
             "images_identical": sum(r.differing[encoding] == 0 for r in compared),
         }
-    report["agreement"] = agreement
-    report["worst"] = [
+    report["agreement"] = agreement or None  # null: nothing shipped to compare with
+    return report
+
+
+def worst_report(results: Sequence[ImageResult], count: int) -> list[dict[str, Any]]:
+    """The least agreeing images with their per-encoding agreement (plots/masks/worst.json).
+
+    Kept out of the metrics file: image names would become dozens of columns in
+    `dvc metrics show` / `dvc exp show`.
+    """
+    return [
         {"image": r.name,
          "agreement": {e: r.agreement(e) for e in ENCODING_ORDER if e in r.differing},
          "differing_pixels": {e: r.differing[e] for e in ENCODING_ORDER if e in r.differing}}
-        for r in worst_images(results, worst)
+        for r in worst_images(results, count)
     ]
-    return report
 
 
 def worst_images(results: Sequence[ImageResult], count: int) -> list[ImageResult]:

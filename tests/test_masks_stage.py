@@ -18,7 +18,7 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image
 
-from fcn.agreement import summarize
+from fcn.agreement import summarize, worst_report
 from fcn.cli import run_stage
 from fcn.errors import DataError
 from fcn.mask_dataset import check_output_root, generate
@@ -84,10 +84,14 @@ def test_stage_writes_every_encoding_in_the_official_layout(tmp_path, tiny_datas
     written = {p for p in (tmp_path / "generated").rglob("*") if p.is_file()}
     assert written == expected
     # nothing shipped with the synthetic data: the report says so, with no invented numbers
-    assert report["shipped_masks"] == 0 and report["agreement"] is None and report["worst"] == []
+    assert report["shipped_masks"] == 0 and report["agreement"] is None
+    assert json.loads((tmp_path / "plots" / "worst.json").read_text()) == []
     assert report["annotations"] == len(stems) == 10
     assert report["per_split"] == {"train": 6, "val": 2, "test": 2}
-    assert report["files_written"] == 40 and "nothing to compare" in report["note"]
+    assert report["files_written"] == 40
+    # only numbers (and the encodings list) in the metrics: text would widen `dvc metrics show`
+    assert set(report) == {"annotations", "objects", "per_split", "encodings_written",
+                           "files_written", "shipped_masks", "agreement"}
     assert (tmp_path / "plots" / "agreement.csv").read_text().startswith("image,pixels,")
     assert len((tmp_path / "plots" / "agreement.csv").read_text().splitlines()) == 1
     assert not (tmp_path / "plots" / "agreement.png").exists()
@@ -167,9 +171,11 @@ def test_agreement_report_with_shipped_masks(tmp_path):
     assert agreement["color"]["differing_pixels"] == 2 and agreement["color"]["images"] == 2
     assert agreement["instanceIds"]["differing_pixels"] == 3
     assert agreement["instanceIds"]["overall"] == 1 - 3 / (2 * n)
-    assert [w["image"] for w in report["worst"]] == [f"val/{stems[0]}", f"val/{stems[1]}"]
-    assert report["worst"][0]["differing_pixels"] == {"labelIds": 5, "color": 2, "instanceIds": 0}
-    assert report["worst"][1]["agreement"] == {"labelIds": 1.0, "instanceIds": 1 - 3 / n}
+    worst = json.loads((tmp_path / "plots" / "worst.json").read_text())
+    assert [w["image"] for w in worst] == [f"val/{stems[0]}", f"val/{stems[1]}"]
+    assert worst[0]["differing_pixels"] == {"labelIds": 5, "color": 2, "instanceIds": 0}
+    assert worst[1]["agreement"] == {"labelIds": 1.0, "instanceIds": 1 - 3 / n}
+    assert "worst" not in report
     table = (tmp_path / "plots" / "agreement.csv").read_text().splitlines()
     assert table[0] == "image,pixels,labelIds_agreement,labelTrainIds_agreement,color_agreement,instanceIds_agreement"
     assert table[1] == f"val/{stems[0]},{n},{1 - 5 / n!r},,{1 - 2 / n!r},1.0"
@@ -191,8 +197,9 @@ def test_shipped_mask_of_another_size_is_an_error(tmp_path, caplog):
 
 
 def test_summary_of_no_results_has_no_numbers():
-    report = summarize([], ["labelIds"], 5, "somewhere")
+    report = summarize([], ["labelIds"])
     assert report["agreement"] is None and report["shipped_masks"] == 0
+    assert worst_report([], 5) == []
 
 
 # --- never touching shipped files -------------------------------------------------------------

@@ -81,7 +81,7 @@ FIELDS = (
     "rss_baseline_mb", "peak_rss_growth_mb", "memory_method", "flops_per_image",
     "achieved_tflops", "matmul_tflops", "utilisation", "agreement", "tf32_matmul", "tf32_cudnn",
 )
-"""Every configuration's entry in metrics/benchmark.json has exactly these keys (null = n/a)."""
+"""Every configuration's entry in metrics/benchmark_details.json has exactly these keys (null = n/a)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Benchmark results → metrics JSON, a CSV for `dvc plots`, a PNG, and a Markdown table.
+"""Benchmark results → headline metrics, the full results JSON, a CSV for `dvc plots`, a PNG,
+and a Markdown table.
 
 Kept apart from fcn.benchmark so that measuring never depends on matplotlib, and the README
 table is produced from the JSON rather than copied by hand.
@@ -55,7 +56,8 @@ def _round(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value
 
 
-def write_figure(results: dict[str, Any], path: str | Path) -> None:
+def write_figure(results: dict[str, Any], path: str | Path,
+                 details_path: str | Path = "metrics/benchmark_details.json") -> None:
     """Latency (median, p90 tick) and peak memory per configuration, side by side."""
     entries = list(iter_ok(results))
     skipped = [e["name"] for e in results["configs"].values() if e["status"] != "ok"]
@@ -78,7 +80,7 @@ def write_figure(results: dict[str, Any], path: str | Path) -> None:
              f"{protocol['width']} on {device_label(results)}")
     fig.suptitle(title, fontsize=10)
     if skipped:
-        fig.text(0.01, 0.01, "skipped (see metrics/benchmark.json): " + ", ".join(skipped),
+        fig.text(0.01, 0.01, f"skipped (see {details_path}): " + ", ".join(skipped),
                  fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.06 if skipped else 0, 1, 1))
     with fio.atomic_path(path) as tmp:
@@ -107,11 +109,50 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, Any], metrics_path: str | Path,
+HEADLINE_FIELDS = ("latency_ms_median", "latency_ms_p90", "throughput_ips",
+                   "throughput_ips_load_corrected", "peak_memory_mb", "utilisation", "agreement")
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """What `dvc metrics show/diff` and `dvc exp show` list: the fp32 reference, the fast path
+    (also the fastest eager one) and their speed ratio, in numbers.
+
+    The full results (environment, protocol, every configuration, skip reasons) would be
+    hundreds of columns there; they go to the details JSON, per-configuration rows to the CSV.
+    """
+    configs = results["configs"]
+
+    def headline(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+        if entry is None:
+            return None
+        measured = configs[entry["name"]]
+        return {"config": measured["name"], **{k: measured[k] for k in HEADLINE_FIELDS}}
+
+    reference = configs[results["protocol"]["agreement_reference"]]
+    reference = reference if reference["status"] == "ok" else None
+    fast = results["fast_path"]
+    speedup = None
+    if reference is not None and fast is not None:
+        speedup = (configs[fast["name"]]["throughput_ips_load_corrected"]
+                   / reference["throughput_ips_load_corrected"])
+    return {
+        "gflops_per_image": results["model"]["flops_counted"] / 1e9,
+        "reference": headline(reference),
+        "fast_path": headline(fast),
+        "fast_path_eager": headline(results["fast_path_eager"]),
+        "fast_path_speedup": speedup,
+        "configs_measured": sum(1 for _ in iter_ok(results)),
+        "configs_skipped": sum(1 for e in configs.values() if e["status"] != "ok"),
+    }
+
+
+def write_report(results: dict[str, Any], metrics_path: str | Path, details_path: str | Path,
                  plots_dir: str | Path) -> None:
-    """metrics JSON + plots/benchmark/{configs.csv, benchmark.png}, each written atomically."""
+    """Headline metrics JSON, full results JSON, plots/benchmark/{configs.csv, benchmark.png},
+    each written atomically."""
     plots_dir = Path(plots_dir)
-    fio.write_json(metrics_path, results)
+    fio.write_json(details_path, results)
     write_csv(results, plots_dir / "configs.csv")
-    write_figure(results, plots_dir / "benchmark.png")
-    log.info("wrote %s and %s", metrics_path, plots_dir)
+    write_figure(results, plots_dir / "benchmark.png", details_path)
+    fio.write_json(metrics_path, headline_metrics(results))
+    log.info("wrote %s, %s and %s", metrics_path, details_path, plots_dir)

@@ -15,12 +15,15 @@ from fcn.params import load_params
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/benchmark.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/benchmark.json"),
+                        help="headline figures (what dvc metrics/exp show list)")
+    parser.add_argument("--details", type=Path, default=Path("metrics/benchmark_details.json"),
+                        help="everything measured: environment, protocol, every configuration")
     parser.add_argument("--plots", type=Path, default=Path("plots/benchmark"))
     args = parser.parse_args()
     params = load_params(args.params)
     results = run_benchmark(params.benchmark, params.model)
-    write_report(results, args.metrics, args.plots)
+    write_report(results, args.metrics, args.details, args.plots)
 
 
 if __name__ == "__main__":

@@ -121,14 +121,14 @@ def test_peak_rss_sees_an_allocation_and_skips_what_happens_while_disarmed():
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("benchmark")
     results = run_benchmark(TINY, ModelParams(), progress=False)
-    write_report(results, out / "benchmark.json", out / "plots")
+    write_report(results, out / "benchmark.json", out / "details.json", out / "plots")
     results["_out"] = str(out)
     return results
 
 
 def test_json_has_every_field_for_every_configuration(results):
     out = Path(results["_out"])
-    written = json.loads((out / "benchmark.json").read_text())
+    written = json.loads((out / "details.json").read_text())
     expected = {c.name for c in plan(TINY)[1]}
     assert set(written["configs"]) == expected
     for name, entry in written["configs"].items():
@@ -152,6 +152,40 @@ def test_json_has_every_field_for_every_configuration(results):
     ok = [e for e in written["configs"].values() if e["status"] == "ok"]
     assert len(rows) == 1 + len(ok)
     assert "skipped" in markdown_table(written)
+
+
+def test_metrics_hold_the_headline_numbers_of_the_measured_configurations(results):
+    """metrics/benchmark.json: reference, fast paths and their ratio, copied exactly from the
+    full results; no text but configuration names (dvc metrics/exp show list every leaf)."""
+    out = Path(results["_out"])
+    metrics = json.loads((out / "benchmark.json").read_text())
+    details = json.loads((out / "details.json").read_text())
+    configs = details["configs"]
+    reference = configs[details["protocol"]["agreement_reference"]]
+    assert reference["name"] == "fp32-nchw-eager-b1"
+    fast = configs[details["fast_path"]["name"]]
+    eager = configs[details["fast_path_eager"]["name"]]
+    for key, entry in (("reference", reference), ("fast_path", fast), ("fast_path_eager", eager)):
+        assert metrics[key] == {"config": entry["name"], **{
+            k: entry[k] for k in ("latency_ms_median", "latency_ms_p90", "throughput_ips",
+                                  "throughput_ips_load_corrected", "peak_memory_mb",
+                                  "utilisation", "agreement")}}, key
+    assert metrics["fast_path_speedup"] == (fast["throughput_ips_load_corrected"]
+                                            / reference["throughput_ips_load_corrected"])
+    assert metrics["fast_path_speedup"] >= 1  # the reference itself is eligible
+    assert metrics["gflops_per_image"] == details["model"]["flops_counted"] / 1e9
+    ok = [e for e in configs.values() if e["status"] == "ok"]
+    assert metrics["configs_measured"] == len(ok)
+    assert metrics["configs_skipped"] == len(configs) - len(ok) > 0  # tf32 on CPU
+
+    def leaves(value, path=()):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from leaves(v, (*path, k))
+        else:
+            yield path, value
+    texts = [p for p, v in leaves(metrics) if isinstance(v, str)]
+    assert texts == [("reference", "config"), ("fast_path", "config"), ("fast_path_eager", "config")]
 
 
 def test_fp32_runs_and_tf32_is_skipped_on_cpu(results):
@@ -249,10 +283,16 @@ def test_stage_writes_metrics_and_plots(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run([sys.executable, str(ROOT / "stages" / "benchmark.py"), "--params",
                     str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "b.json"),
-                    "--plots", str(tmp_path / "plots")], check=True, cwd=ROOT)
-    written = json.loads((tmp_path / "b.json").read_text())
-    assert written["configs"]["fp32-cl-eager-b1"]["status"] == "ok"
-    assert written["fast_path"]["name"] == "fp32-cl-eager-b1"
+                    "--details", str(tmp_path / "d.json"), "--plots", str(tmp_path / "plots")],
+                   check=True, cwd=ROOT)
+    details = json.loads((tmp_path / "d.json").read_text())
+    assert details["configs"]["fp32-cl-eager-b1"]["status"] == "ok"
+    assert details["fast_path"]["name"] == "fp32-cl-eager-b1"
+    metrics = json.loads((tmp_path / "b.json").read_text())
+    assert metrics["fast_path"]["config"] == "fp32-cl-eager-b1"
+    # no NCHW in the plan: the reference is fp32 channels-last, which is also the fast path
+    assert metrics["reference"]["config"] == details["protocol"]["agreement_reference"]
+    assert metrics["reference"] == metrics["fast_path"] and metrics["fast_path_speedup"] == 1.0
     assert (tmp_path / "plots" / "benchmark.png").is_file()
 
 

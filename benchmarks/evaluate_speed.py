@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/evaluate_speed.py [--images 8] [--instances 20] [--rounds 3]
 
 Writes `--images` 1024x2048 ground truths (labelIds + 16-bit instanceIds, drawn by
-fcn.masks from fcn.synthetic street scenes with extra people and cars up to `--instances`
+fcn.masks.render from fcn.synthetic street scenes with extra people and cars up to `--instances`
 instances per image; real val images have about 20) and a prediction for each (the ground
 truth shifted by a few pixels, ignored regions predicted as road, and blocks of wrong classes,
 as a model errs), all through fcn.png as the masks and export stages write them (`--writer pil`:
@@ -12,7 +12,7 @@ files, per image:
 
 - cityscapesScripts 2.3.0: `evaluateImgLists` (its pure-Python path: the Cython extension is
   not built by the PyPI wheel), `evalInstLevelScore = True`, quiet, no JSON output;
-- ours: `fcn.evaluation.evaluate_files`, with 1 worker (no threads: the same single core) and
+- ours: `fcn.cityscapes.scoring.evaluate_files`, with 1 worker (no threads: the same single core) and
   with 2 decode threads.
 
 Rounds are interleaved and the best round of each counts (least disturbed by other load).
@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.annotations import Annotation, PolygonObject
-from fcn.evaluation import EvalFiles, evaluate_files
-from fcn.labels import ID_TO_TRAINID, TRAINID_TO_ID
-from fcn.layout import mask_path
-from fcn.masks import render
+from fcn.cityscapes.annotations import Annotation, PolygonObject
+from fcn.cityscapes.scoring import EvalFiles, evaluate_files
+from fcn.cityscapes.labels import ID_TO_TRAINID, TRAINID_TO_ID
+from fcn.cityscapes.layout import mask_path
+from fcn.masks.render import render
 from fcn.png import encode_png
 from fcn.synthetic import make_scene
 

@@ -11,7 +11,7 @@ temporary dataset, then times, on those same files:
   ids, trainIds and color and `createInstanceImage` for ids, each saved as PNG with PIL's
   defaults; the 32-bit instance image, which Pillow 13 cannot save as PNG, converted to a
   16-bit array and saved as that (what a user of the script has to do);
-- ours: `fcn.mask_dataset.render_all`, the masks stage's loop (parse, one rasterization,
+- ours: `fcn.masks.generate.render_all`, the masks stage's loop (parse, one rasterization,
   lookups, PNG encoding, atomic writes), with 1 and with 2 worker processes.
 
 Each is run `--rounds` times, interleaved; the best round counts (the least disturbed by
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.annotations import Annotation, PolygonObject
-from fcn.mask_dataset import Item, render_all
-from fcn.masks import ENCODINGS, generated_path
+from fcn.cityscapes.annotations import Annotation, PolygonObject
+from fcn.masks.generate import Item, render_all
+from fcn.cityscapes.layout import ENCODINGS, mask_path
 from fcn.synthetic import make_scene
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 calls np.in1d, removed in numpy 2.4
@@ -102,7 +102,7 @@ def verify(items: list[Item], reference: Path, ours: Path) -> None:
     for item in items:
         for encoding in ENCODINGS:
             theirs = read(reference_path(reference, item, encoding))
-            mine = read(generated_path(ours, item.split, item.stem, encoding))
+            mine = read(mask_path(ours, item.split, item.stem, encoding))
             if theirs.dtype != mine.dtype or not np.array_equal(theirs, mine):
                 raise SystemExit(f"MISMATCH {item.stem} {encoding}: ours {mine.dtype}{mine.shape} "
                                  f"vs cityscapesScripts {theirs.dtype}{theirs.shape}")

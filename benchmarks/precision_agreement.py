@@ -19,9 +19,11 @@ import time
 
 import torch
 
-from fcn.benchmark import (MIN_AGREEMENT, benchmark_images, precision_support, predict_classes,
-                           resolve_device, to_input, trained_like_model)
-from fcn.inference import load_checkpoint_model
+from fcn.benchmark.capability import precision_support
+from fcn.benchmark.inputs import benchmark_images, predict_classes, to_input, trained_like_model
+from fcn.benchmark.run import MIN_AGREEMENT
+from fcn.checkpoint import load_model
+from fcn.device import resolve_device
 from fcn.params import ModelParams
 
 
@@ -41,7 +43,7 @@ def main() -> None:
     images = benchmark_images(args.images, args.height, args.width, args.seed)
     models = {"trained_like": trained_like_model(params, images[0], args.seed)}
     if args.checkpoint:
-        models[args.checkpoint] = load_checkpoint_model(args.checkpoint, params)
+        models[args.checkpoint] = load_model(args.checkpoint, params)
     precisions = ["tf32", "bf16", "fp16"] if device.type == "cuda" else ["bf16", "fp16"]
     print(f"{args.images} synthetic images {args.height}x{args.width} on {device}; "
           f"fast path needs agreement >= {100 * MIN_AGREEMENT:.1f}%")

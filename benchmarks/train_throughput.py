@@ -22,30 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcn.distributed import resolve_device
-from fcn.engine import autocast
-from fcn.model import BACKBONES, FCN8s
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from fcn.benchmark.capability import matmul_rate, set_tf32
+from fcn.benchmark.plan import MATMUL_N
+from fcn.device import autocast, resolve_device, synchronize
+from fcn.model import FCN8s
+from fcn.params import BACKBONES, DEVICES, PRECISIONS
 
 
 def matmul_gflops(device: torch.device, size: int, reps: int = 5) -> float:
     """Best fp32 GFLOP/s of an n×n matmul (TF32 off: the fp32 reference)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.rand(size, size, device=device)
-    b = torch.rand(size, size, device=device)
-    a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    if device.type == "cuda":
+        set_tf32(False)
+    return matmul_rate(device, torch.float32, size, reps) / 1e9
 
 
 def main() -> None:
@@ -56,8 +44,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -88,16 +76,16 @@ def main() -> None:
     flops = counter.get_total_flops()
     for _ in range(args.warmup):
         step()
-    _sync(device)
+    synchronize(device)
 
-    matmul_size = 8192 if device.type == "cuda" else 2048
+    matmul_size = MATMUL_N[device.type]
     step_seconds, matmul = [], []
     for _ in range(args.rounds):
         matmul.append(matmul_gflops(device, matmul_size))
         start = time.perf_counter()
         for _ in range(args.iters):
             step()
-        _sync(device)
+        synchronize(device)
         step_seconds.append((time.perf_counter() - start) / args.iters)
     matmul.append(matmul_gflops(device, matmul_size))
 

@@ -1,0 +1,46 @@
+"""FCN8s semantic segmentation on Cityscapes: the library behind the DVC stages in `stages/`.
+
+The map (a subpackage per concept; each stage's script in `stages/` parses its arguments and
+calls one function here, which writes the stage's outputs):
+
+    params        params.yaml → validated, typed sections; the names parameters may take
+    cli           what every stage script shares: logging, one-line errors, exit codes
+    errors        FcnError (input problems: one line, exit 1), ParamsError, DataError
+    model         FCN8s on a torchvision VGG backbone; ImageNet weights
+    checkpoint    the checkpoint schema: save, load, load a model, resume check
+    metrics       mIoU / Dice / accuracy from confusion matrices (training curves)
+    synthetic     a synthetic dataset in the exact Cityscapes layout (the default data)
+    device        the device and precision parameters → torch device, dtype, autocast
+    images        reading and writing image files, with one-line errors naming the file
+    png           the fast PNG codec for label masks
+    atomic        atomic file and folder output (temporary + rename)
+    threads       bounded read-ahead and write-behind threads
+
+    cityscapes/   the dataset's own conventions, matching cityscapesScripts exactly
+        labels      the 35-label table and lookups (labelId, trainId, color, category)
+        layout      where files live: suffixes, paths, the stem (the only module naming them)
+        annotations `*_gtFine_polygons.json`: parse, validate, serialize
+        scoring     the official pixel-level evaluator (class/category IoU and iIoU)
+    masks/        stage `masks`: polygons → label masks
+        render      one annotation → labelIds, labelTrainIds, color, instanceIds
+        generate    the stage's work: every annotation, in worker processes, atomically
+        agreement   comparison with masks shipped with the dataset, and its figure
+    train/        stage `train`
+        data        dataset, seeded paired augmentation, samplers
+        loop        one epoch of training, one validation pass; optimizer, LR, loss
+        distributed torchrun launch, process group, exact reductions
+        fit         the run: resume, epochs, checkpoints, DVCLive
+    predict/      stages `evaluate` and `export`: a trained model on whole images
+        predictor   Predictor: batching, mixed precision, flip TTA, streaming
+        evaluate    stage `evaluate`: scores, tables and plots
+        export      stage `export`: server-ready predictions, zip, overlays, GIF
+        visualize   colors, overlays, panels, heatmap, GIF frames
+    benchmark/    stage `benchmark`: inference latency, memory, FLOPs, utilisation
+        plan        the protocol and the configurations a profile asks for
+        capability  matmul rate, native precisions, the environment
+        inputs      the benchmark's images and model
+        worker      one configuration, timed in a fresh process
+        run         every configuration, assembled; the fast path
+        flops       analytic and counted FLOPs
+        report      headline metrics, details JSON, CSV, figure, Markdown table
+"""

@@ -1,14 +1,16 @@
-"""Training checkpoints: what they hold, how they are written, when a run may resume from one.
+"""Training checkpoints, the contract between training and everything that uses a model: what
+they hold, how they are written and read, when a run may resume from one.
 
 A checkpoint is a plain dict of tensors and Python values, so `torch.load(weights_only=True)`
 reads it (no pickled classes). It is written through a temporary file and `os.replace`: a
 run killed while saving leaves the previous checkpoint intact.
 
-Resuming is only allowed when the hash of the training-relevant parameters matches; they
-are `model`, `train` (minus `workers`, `device` and `out`, which change where and how fast
-a run goes, not what it computes), `data` (which dataset) and `synthesize` (a changed
-synthetic dataset has the same paths but other pixels; with real data this only costs a
-fresh start if someone edits that section).
+`last.pt` holds everything a run needs to continue (`STATE_KEYS`); `best.pt` only what
+rebuilds the model and says where it came from (`MODEL_KEYS`). Resuming is only allowed when
+the hash of the training-relevant parameters matches: `model`, `train` (minus `workers`,
+`device` and `out`, which change where and how fast a run goes, not what it computes), and
+what identifies the data (the stage passes the `data` and `synthesize` sections: a changed
+synthetic dataset has the same paths but other pixels).
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fcn.atomic import atomic_path
+from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.errors import DataError
-from fcn.io import atomic_path
-from fcn.params import Params, params_hash
+from fcn.model import FCN8s
+from fcn.params import ModelParams, TrainParams, params_hash
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +39,31 @@ BEST = "best.pt"
 MODEL_KEYS = ("format", "model", "model_params", "num_classes", "epoch", "params_hash",
               "metrics")
 """What best.pt keeps: enough to rebuild the model and know where it came from."""
+STATE_KEYS = MODEL_KEYS + ("step", "optimizer", "scheduler", "scaler", "best_miou",
+                           "best_epoch", "history", "hashed_params", "rng")
+"""What last.pt keeps: the model, plus everything a resumed run continues from."""
+SHAPE_PARAMS = ("backbone", "fc67", "fc_channels")
+"""The model parameters that decide the architecture (`weights` only says how training began)."""
 
 
-def hashed_params(params: Params) -> dict[str, Any]:
-    """The parameter values a checkpoint must agree with to be resumed (plain data)."""
-    train = dataclasses.replace(params.train, workers=0, device="auto", out="")
-    sections = {"model": params.model, "train": train, "data": params.data,
-                "synthesize": params.synthesize}
-    return {name: dataclasses.asdict(section) for name, section in sections.items()}
+def best_path(out: str | Path) -> Path:
+    """`<train.out>/best.pt`: the model evaluate, export and deploy use unless told otherwise."""
+    return Path(out) / BEST
 
 
-def training_hash(params: Params) -> str:
-    train = dataclasses.replace(params.train, workers=0, device="auto", out="")
-    return params_hash(params.model, train, params.data, params.synthesize)
+# --- what a checkpoint must agree with to be resumed ----------------------------------------
+
+def hashed_params(model: ModelParams, train: TrainParams,
+                  identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameter values a checkpoint must agree with to be resumed (plain data):
+    `identity` holds further sections (plain dicts) that name the data trained on."""
+    train = dataclasses.replace(train, workers=0, device="auto", out="")
+    return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
+            **{name: dict(section) for name, section in identity.items()}}
+
+
+def training_hash(hashed: Mapping[str, Any]) -> str:
+    return params_hash(*hashed.values())
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -58,6 +75,8 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
 
+
+# --- random states --------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
     """Every global random state, as tensors and plain Python values."""
@@ -88,46 +107,123 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- the schema -----------------------------------------------------------------------------
+
+def training_state(*, model: torch.nn.Module, model_params: ModelParams, epoch: int,
+                   step: int, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   scaler: torch.amp.GradScaler, best_miou: float, best_epoch: int,
+                   history: list[dict[str, Any]], hashed: Mapping[str, Any],
+                   rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last.pt dict after `epoch` completed epochs (`STATE_KEYS`, in that order)."""
+    state = {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "model_params": dataclasses.asdict(model_params),
+        "num_classes": NUM_CLASSES,
+        "epoch": epoch,
+        "params_hash": training_hash(hashed),
+        "metrics": {k: v for k, v in history[-1].items() if k != "epoch"},
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "best_miou": best_miou,
+        "best_epoch": best_epoch,
+        "history": history,
+        "hashed_params": dict(hashed),
+        "rng": rng,
+    }
+    assert tuple(state) == STATE_KEYS
+    return state
+
+
+def best_subset(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The best.pt dict of a last.pt dict."""
+    return {key: checkpoint[key] for key in MODEL_KEYS if key in checkpoint}
+
+
+# --- writing and reading ----------------------------------------------------------------------
+
 def save(path: str | Path, checkpoint: dict[str, Any]) -> None:
     """Write atomically: the old file stays until the new one is complete."""
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint (weights_only: no code runs); a bad file is a DataError naming it."""
+def load(path: str | Path, hint: str = "delete it to start training afresh") -> dict[str, Any]:
+    """Read a checkpoint (weights_only: no code runs); a bad file is a DataError naming it.
+
+    `hint` ends the message for a file that exists but cannot be read.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: checkpoint not found") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is an input error
-        raise DataError(f"{path}: not a readable checkpoint ({exc}); delete it to start "
-                        "training afresh") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise DataError(f"{path}: not a training checkpoint (no 'model' entry)")
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({exc}); {hint}") from None
+    missing = [k for k in ("model", "model_params", "num_classes")
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        have = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise DataError(f"{path}: not a training checkpoint: expected keys "
+                        f"['model', 'model_params', 'num_classes'], found {have}")
     return checkpoint
 
 
-def best_subset(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return {key: checkpoint[key] for key in MODEL_KEYS if key in checkpoint}
+def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN8s:
+    """The FCN8s stored in a checkpoint, in eval mode on the CPU.
+
+    With `expected` (params.yaml's model section), a checkpoint made for another backbone or
+    head is an error naming the file and both values; without, the model is rebuilt from the
+    checkpoint's own `model_params`. A class count other than Cityscapes' is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found (train first: `dvc repro train`, or pass "
+                        "--checkpoint)")
+    checkpoint = load(path, hint="is it a checkpoint of this project?")
+    stored = checkpoint["model_params"]
+    if not isinstance(stored, dict):
+        raise DataError(f"{path}: 'model_params' is not a mapping")
+    if expected is not None:
+        wanted = dataclasses.asdict(expected)
+        for key in SHAPE_PARAMS:
+            if key == "fc_channels" and not wanted["fc67"]:
+                continue  # no fc6/fc7 layers: their width does not matter
+            if stored.get(key) != wanted[key]:
+                raise DataError(f"{path}: checkpoint is for model.{key}={stored.get(key)!r} but "
+                                f"params.yaml says model.{key}={wanted[key]!r}")
+        stored = {**stored, **{k: wanted[k] for k in SHAPE_PARAMS}}
+    if checkpoint["num_classes"] != NUM_CLASSES:
+        raise DataError(f"{path}: checkpoint predicts {checkpoint['num_classes']} classes, "
+                        f"Cityscapes evaluation needs {NUM_CLASSES}")
+    try:
+        model = FCN8s(stored["backbone"], NUM_CLASSES, stored["fc67"], stored["fc_channels"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, ValueError) as exc:
+        raise DataError(f"{path}: 'model_params' does not describe an FCN8s ({exc})") from None
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: weights do not fit FCN8s/{stored['backbone']}: {exc}") from None
+    log.info("loaded %s (epoch %s)", path, checkpoint.get("epoch", "?"))
+    return model.eval()
 
 
-def resumable(out: str | Path, params: Params) -> dict[str, Any] | None:
-    """`<out>/last.pt` if it was made under the same training parameters, else None
-    (logging why the run starts fresh)."""
+def resumable(out: str | Path, hashed: Mapping[str, Any], epochs: int) -> dict[str, Any] | None:
+    """`<out>/last.pt` if it was made under the same training parameters (`hashed`), else
+    None (logging why the run starts fresh)."""
     path = Path(out) / LAST
     if not path.exists():
         log.info("no checkpoint at %s: starting fresh", path)
         return None
     checkpoint = load(path)
-    expected = training_hash(params)
+    expected = training_hash(hashed)
     if checkpoint.get("params_hash") != expected or checkpoint.get("format") != FORMAT:
-        changes = _changes(checkpoint.get("hashed_params", {}), hashed_params(params))
+        changes = _changes(checkpoint.get("hashed_params", {}), dict(hashed))
         log.warning("%s was trained with other parameters (hash %s, now %s): starting fresh; "
                     "changed: %s", path, checkpoint.get("params_hash"), expected,
                     "; ".join(changes) if changes else "checkpoint format")
         return None
-    log.info("resuming from %s (after epoch %d of %d)", path, checkpoint["epoch"],
-             params.train.epochs)
+    log.info("resuming from %s (after epoch %d of %d)", path, checkpoint["epoch"], epochs)
     return checkpoint

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from fcn.labels import IGNORE_INDEX, NUM_CLASSES
+from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
 
 
 def confusion_matrix(target: torch.Tensor, prediction: torch.Tensor,

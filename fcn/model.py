@@ -17,12 +17,11 @@ import torchvision
 from torch import nn
 
 from fcn.errors import DataError
-from fcn.labels import NUM_CLASSES
-from fcn.params import ModelParams
+from fcn.cityscapes.labels import NUM_CLASSES
+from fcn.params import BACKBONES, ModelParams
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 STRIDE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

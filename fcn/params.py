@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fcn.cityscapes.labels import NUM_CLASSES
+from fcn.cityscapes.layout import ENCODINGS, SPLITS
 from fcn.errors import ParamsError
 
 PARAMS_FILE = "params.yaml"
@@ -33,8 +35,19 @@ def _p(default: Any, *, ge: float | None = None, gt: float | None = None,
     return field(default=default, metadata=metadata)
 
 
-Precision = Literal["fp32", "bf16", "fp16"]
-Encoding = Literal["labelIds", "labelTrainIds", "color", "instanceIds"]
+# The names a parameter may take, declared once: the Literals below are derived from them, and
+# the code that acts on them (fcn.model, fcn.device, fcn.cityscapes.layout) uses the same tuples.
+BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BENCHMARK_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
+BenchmarkPrecision = Literal[BENCHMARK_PRECISIONS]  # type: ignore[valid-type]
+Device = Literal[DEVICES]  # type: ignore[valid-type]
+Encoding = Literal[ENCODINGS]  # type: ignore[valid-type]
+Split = Literal[SPLITS]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -58,17 +71,16 @@ class SynthesizeParams:
 
 @dataclass(frozen=True)
 class MasksParams:
-    encodings: list[Encoding] = _p(["labelIds", "labelTrainIds", "color", "instanceIds"])
+    encodings: list[Encoding] = _p(list(ENCODINGS))
     workers: int = _p(2, ge=1, help="worker processes")
-    splits: list[Literal["train", "val", "test"]] = _p(["train", "val", "test"])
-    worst: int = _p(10, ge=0, help="images listed in the agreement report")
+    splits: list[Split] = _p(list(SPLITS))
+    worst: int = _p(10, ge=0, help="images listed in plots/masks/worst.json")
     figure_images: int = _p(3, ge=0, help="images shown as provided | generated | difference")
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    backbone: Literal["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
-                      "vgg19", "vgg19_bn"] = _p("vgg11_bn")
+    backbone: Backbone = _p("vgg11_bn")
     weights: str = _p("none", help="'none', 'imagenet' or a path to a backbone state dict")
     fc67: bool = _p(False, help="fc6/fc7 as convolutions (adds ~245 GMACs at 1024x2048)")
     fc_channels: int = _p(4096, ge=1)
@@ -89,25 +101,30 @@ class TrainParams:
     scale: list[float] = _p([0.75, 1.5], help="[min, max] random rescale factor")
     flip: bool = _p(True)
     jitter: float = _p(0.2, ge=0, le=1, help="photometric jitter strength (0 = off)")
-    class_weights: list[float] | None = _p(None, help="19 weights, or null")
+    class_weights: list[float] | None = _p(None, help=f"{NUM_CLASSES} weights, or null")
     precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
     workers: int = _p(0, ge=0, help="DataLoader worker processes")
     nproc: int = _p(1, ge=1, help="processes for torchrun/DDP (the stage launches them)")
-    device: Literal["auto", "cpu", "cuda"] = _p("auto")
+    device: Device = _p("auto")
     out: str = _p("models", help="checkpoint folder (persisted across runs)")
 
 
-Device = Literal["auto", "cpu", "cuda"]
-
-
 @dataclass(frozen=True)
-class EvaluateParams:
+class InferenceParams:
+    """How a trained model predicts: the fields evaluate and export share (and their
+    defaults), read by `fcn.predict.predictor.Predictor.from_params`."""
+
     batch_size: int = _p(2, ge=1, help="whole images per forward pass")
     flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
     precision: Precision = _p("fp16", help="autocast dtype on CUDA; CPU always runs fp32")
     channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
     device: Device = _p("auto")
-    workers: int = _p(2, ge=1, help="threads decoding images and masks ahead of the model")
+    workers: int = _p(2, ge=1, help="threads reading images ahead of the model and writing "
+                      "its outputs")
+
+
+@dataclass(frozen=True)
+class EvaluateParams(InferenceParams):
     ground_truth: Literal["generated", "dataset"] = _p(
         "generated", help="score against data.generated masks, or the ones shipped in data.root")
     samples: int = _p(4, ge=0, help="sample images (image | truth | prediction) in plots")
@@ -115,13 +132,7 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
-class ExportParams:
-    batch_size: int = _p(2, ge=1, help="whole images per forward pass")
-    flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
-    precision: Precision = _p("fp16", help="autocast dtype on CUDA; CPU always runs fp32")
-    channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
-    device: Device = _p("auto")
-    workers: int = _p(2, ge=1, help="threads decoding images and encoding PNGs")
+class ExportParams(InferenceParams):
     overlays: int = _p(4, ge=0, help="test images saved as color overlays")
     overlay_alpha: float = _p(0.5, ge=0, le=1, help="weight of the prediction colors")
     gif_frames: int = _p(8, ge=0, help="val images in the animated GIF (0 = no GIF)")
@@ -130,18 +141,15 @@ class ExportParams:
     out: str = _p("predictions")
 
 
-BenchmarkPrecision = Literal["fp32", "tf32", "bf16", "fp16"]
-
-
 @dataclass(frozen=True)
 class BenchmarkParams:
     profile: Literal["quick", "full"] = _p(
         "quick", help="quick: the CPU-budget run (quick_*); full: the thorough GPU run (full_*)")
-    device: Literal["auto", "cpu", "cuda"] = _p("auto")
+    device: Device = _p("auto")
     height: int = _p(1024, ge=32, help="image height (Cityscapes: 1024)")
     width: int = _p(2048, ge=32, help="image width (Cityscapes: 2048)")
     precisions: list[BenchmarkPrecision] = _p(
-        ["fp32", "tf32", "bf16", "fp16"],
+        list(BENCHMARK_PRECISIONS),
         help="fp32 strict (the reference), tf32 (CUDA tensor cores), bf16/fp16 autocast; "
              "ones the device lacks are reported as skipped")
     channels_last: list[bool] = _p([False, True])
@@ -256,9 +264,9 @@ def _check_relations(params: Params, problems: list[str]) -> None:
     if len(t.scale) != 2 or not 0 < t.scale[0] <= t.scale[1]:
         problems.append(f"train.scale: expected [min, max] with 0 < min <= max, got {t.scale}")
     if t.class_weights is not None and (
-        len(t.class_weights) != 19 or min(t.class_weights) < 0
+        len(t.class_weights) != NUM_CLASSES or min(t.class_weights) < 0
     ):
-        problems.append("train.class_weights: expected 19 non-negative numbers or null, "
+        problems.append(f"train.class_weights: expected {NUM_CLASSES} non-negative numbers or null, "
                         f"got {t.class_weights}")
     s = params.synthesize
     for split in ("train", "val", "test"):
@@ -323,9 +331,17 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 def params_hash(*sections: Any) -> str:
-    """A stable hash of parameter sections, e.g. to refuse resuming under other params."""
-    blob = json.dumps([dataclasses.asdict(s) for s in sections], sort_keys=True)
+    """A stable hash of parameter sections (dataclasses or plain mappings), e.g. to refuse
+    resuming under other params."""
+    blob = json.dumps([dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
+                       for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sections_dict(params: Params, *names: str) -> dict[str, dict[str, Any]]:
+    """Some sections as plain data: what a stage hands the library when it must record (or
+    hash) them, without passing the whole Params down."""
+    return {name: dataclasses.asdict(getattr(params, name)) for name in names}
 
 
 def default_params_dict() -> dict[str, Any]:

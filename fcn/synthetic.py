@@ -24,29 +24,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from fcn.annotations import Annotation, PolygonObject
-from fcn.io import atomic_dir, write_json
-from fcn.labels import NAME_TO_LABEL, label_for_polygon
+from fcn.cityscapes import layout
+from fcn.cityscapes.annotations import Annotation, PolygonObject
+from fcn.atomic import atomic_dir, write_json
+from fcn.cityscapes.labels import NAME_TO_LABEL, label_for_polygon
 from fcn.params import SynthesizeParams
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-FRAME = 19  # real Cityscapes fine annotations are the 20th frame of each snippet: ..._000019_
-
-
-def image_stem(city: str, seq: int, frame: int = FRAME) -> str:
-    """`<city>_<seq:06d>_<frame:06d>`: the key that ties an image to its annotations."""
-    return f"{city}_{seq:06d}_{frame:06d}"
-
-
-def image_path(root: Path, split: str, city: str, seq: int) -> Path:
-    return root / "leftImg8bit" / split / city / f"{image_stem(city, seq)}_leftImg8bit.png"
-
-
-def polygons_path(root: Path, split: str, city: str, seq: int) -> Path:
-    return root / "gtFine" / split / city / f"{image_stem(city, seq)}_gtFine_polygons.json"
-
 
 # --- appearance -----------------------------------------------------------------------------
 
@@ -363,7 +347,7 @@ def _rng(seed: int, split: str, city: str, seq: int) -> np.random.Generator:
 
 def dataset_items(params: SynthesizeParams) -> Iterator[tuple[str, str, int]]:
     """(split, city, seq) of every image, in a fixed order."""
-    for split in SPLITS:
+    for split in layout.SPLITS:
         for city in getattr(params, f"{split}_cities"):
             for seq in range(getattr(params, f"{split}_per_city")):
                 yield split, city, seq
@@ -376,10 +360,11 @@ def write_item(root: Path, params: SynthesizeParams, split: str, city: str, seq:
     image = render_image(annotation, rng)
     if split == "test":
         annotation = withheld(annotation)
-    out = image_path(root, split, city, seq)
+    stem = layout.make_stem(city, seq)
+    out = layout.image_path(root, split, stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(out, compress_level=1)
-    write_json(polygons_path(root, split, city, seq), annotation.to_json())
+    write_json(layout.polygons_path(root, split, stem), annotation.to_json())
 
 
 def synthesize(root: str | Path, params: SynthesizeParams) -> int:

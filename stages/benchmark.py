@@ -7,8 +7,8 @@ benchmark.profile=full` is the thorough run for a GPU.
 
 from pathlib import Path
 
-from fcn.benchmark import run_benchmark
-from fcn.benchmark_report import write_report
+from fcn.benchmark.run import run_benchmark
+from fcn.benchmark.report import write_report
 from fcn.cli import run_stage, stage_parser
 from fcn.params import load_params
 

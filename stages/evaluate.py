@@ -6,10 +6,10 @@ exported earlier instead (found by `<city>_<seq>_<frame>*.png`, as the official 
 
 from pathlib import Path
 
+from fcn.checkpoint import best_path
 from fcn.cli import run_stage, stage_parser
-from fcn.inference import build_predictor
 from fcn.params import load_params
-from fcn.report import ReportPaths, evaluate_exported, evaluate_model, write_report
+from fcn.predict.evaluate import ReportPaths, evaluate_stage
 
 
 def main() -> None:
@@ -18,15 +18,16 @@ def main() -> None:
                         help="model checkpoint (default: <train.out>/best.pt)")
     parser.add_argument("--predictions", type=Path,
                         help="score label-id PNGs under this folder instead of running the model")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"),
+                        help="the means (what dvc metrics/exp show list)")
+    parser.add_argument("--tables", type=Path, default=Path("metrics/evaluate"),
+                        help="prefix of the per-class and per-category tables")
+    parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
     args = parser.parse_args()
     params = load_params(args.params)
-    if args.predictions is not None:
-        scores, panels = evaluate_exported(args.predictions, params.data, params.evaluate)
-    else:
-        checkpoint = args.checkpoint or Path(params.train.out) / "best.pt"
-        predictor = build_predictor(checkpoint, params.model, params.evaluate)
-        scores, panels = evaluate_model(predictor, params.data, params.evaluate)
-    write_report(scores, panels, ReportPaths())
+    evaluate_stage(params.data.root, params.data.generated, params.model, params.evaluate,
+                   ReportPaths(args.metrics, args.tables, args.plots),
+                   args.checkpoint or best_path(params.train.out), args.predictions)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,19 @@
 
 from pathlib import Path
 
+from fcn.checkpoint import best_path
+from fcn.cityscapes.layout import SPLITS
 from fcn.cli import run_stage, stage_parser
 from fcn.errors import FcnError
-from fcn.export import ExportPaths, export_gif, export_split, predict_folder
-from fcn.inference import build_predictor
 from fcn.params import load_params
+from fcn.predict.export import ExportPaths, export_stage, predict_folder_stage
 
 
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path,
                         help="model checkpoint (default: <train.out>/best.pt)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+    parser.add_argument("--split", default="test", choices=SPLITS,
                         help="dataset split to export (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="output folder (default: export.out)")
     parser.add_argument("--images", type=Path,
@@ -26,14 +27,12 @@ def main() -> None:
     params = load_params(args.params)
     if args.images is not None and args.out is None:
         raise FcnError("--images needs --out: where to write the predictions")
-    checkpoint = args.checkpoint or Path(params.train.out) / "best.pt"
-    predictor = build_predictor(checkpoint, params.model, params.export)
+    checkpoint = args.checkpoint or best_path(params.train.out)
     if args.images is not None:
-        predict_folder(predictor, args.images, args.out, params.export)
-        return
-    paths = ExportPaths(args.out or Path(params.export.out), args.split)
-    export_split(predictor, params.data.root, paths, params.export)
-    export_gif(predictor, params.data.root, paths.gif, params.export)
+        predict_folder_stage(checkpoint, params.model, params.export, args.images, args.out)
+    else:
+        export_stage(checkpoint, params.data.root, params.model, params.export,
+                     ExportPaths(args.out or Path(params.export.out), args.split))
 
 
 if __name__ == "__main__":

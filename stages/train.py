@@ -3,9 +3,9 @@
 import sys
 
 from fcn.cli import run_stage, stage_parser
-from fcn.distributed import relaunch, under_torchrun
-from fcn.params import load_params
-from fcn.train import fit
+from fcn.params import load_params, sections_dict
+from fcn.train.distributed import relaunch, under_torchrun
+from fcn.train.fit import fit
 
 
 def main() -> None:
@@ -16,7 +16,8 @@ def main() -> None:
     params = load_params(args.params)
     if params.train.nproc > 1 and not under_torchrun():
         sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:]))
-    fit(params, args.live_dir)
+    fit(params.model, params.train, params.data.root, params.data.generated, args.live_dir,
+        identity=sections_dict(params, "data", "synthesize"))
 
 
 if __name__ == "__main__":

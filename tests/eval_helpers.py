@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.annotations import read_annotation
-from fcn.layout import mask_path, stem_of
-from fcn.masks import draw_label_ids
+from fcn.cityscapes.annotations import read_annotation
+from fcn.cityscapes.layout import mask_path, stem_of
+from fcn.masks.render import draw_label_ids
 from fcn.params import SynthesizeParams
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d (removed in numpy 2.4)
@@ -94,16 +94,16 @@ def probe_model(dataset: Path, generated: Path, split: str = "train", seed: int 
     import torch
     import torch.nn.functional as F
 
-    from fcn.inference import read_image
-    from fcn.labels import ID_TO_TRAINID
-    from fcn.layout import list_images
+    from fcn.images import read_rgb
+    from fcn.cityscapes.labels import ID_TO_TRAINID
+    from fcn.cityscapes.layout import list_images
 
     torch.manual_seed(seed)
     from fcn.model import FCN8s
 
     model = FCN8s("vgg11_bn", 19).eval()
     images = list_images(dataset, split)
-    x = torch.from_numpy(np.stack([read_image(p) for p in images])).permute(0, 3, 1, 2) / 255
+    x = torch.from_numpy(np.stack([read_rgb(p) for p in images])).permute(0, 3, 1, 2) / 255
     targets = np.stack([ID_TO_TRAINID[np.asarray(Image.open(
         mask_path(generated, split, stem_of(p), "labelIds")))] for p in images])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""fcn.benchmark / fcn.flops: every configuration reports every field, FLOPs agree with the
+"""fcn.benchmark.run / fcn.benchmark.flops: every configuration reports every field, FLOPs agree with the
 analytic count, the fast path keeps fp32's predictions, unsupported precisions are skipped.
 
 Tiny images on CPU; the figures themselves are never asserted (timing is the stage's job).
@@ -18,12 +18,14 @@ import pytest
 import torch
 import yaml
 
-import fcn.benchmark as bench
-from fcn.benchmark import (FIELDS, MIN_AGREEMENT, Config, PeakRss, benchmark_images,
-                           fastest_config, plan, precision_support, predict_classes,
-                           run_benchmark, to_input, trained_like_model)
-from fcn.benchmark_report import markdown_table, write_report
-from fcn.flops import analytic_flops, counted_flops
+import fcn.benchmark.run as bench
+from fcn.benchmark.capability import precision_support
+from fcn.benchmark.flops import analytic_flops, counted_flops
+from fcn.benchmark.inputs import benchmark_images, predict_classes, to_input, trained_like_model
+from fcn.benchmark.plan import Config, plan
+from fcn.benchmark.report import markdown_table, write_report
+from fcn.benchmark.run import FIELDS, MIN_AGREEMENT, ConfigResult, fastest_config, run_benchmark
+from fcn.benchmark.worker import PeakRss
 from fcn.model import FCN8s
 from fcn.params import BenchmarkParams, ModelParams
 
@@ -223,7 +225,7 @@ def test_failing_configuration_is_skipped_with_the_error(monkeypatch):
     def broken(job):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(bench, "_run_isolated", broken)
+    monkeypatch.setattr(bench, "run_isolated", broken)
     params = dataclasses.replace(TINY, precisions=["fp32"], channels_last=[True])
     results = run_benchmark(params, ModelParams(), progress=False)
     entry = results["configs"]["fp32-cl-eager-b1"]
@@ -250,12 +252,14 @@ def test_fastest_config_needs_agreement_and_can_exclude_compile():
 
 def test_fast_path_ranking_corrects_for_machine_load():
     # Measured while other jobs ran: "cl" got half the matmul rate that "nchw" got.
-    entries = {"nchw": {**_entry("nchw", 0.10, 1.0), "precision": "fp32", "matmul_tflops": 0.11},
-               "cl": {**_entry("cl", 0.07, 1.0), "precision": "fp32", "matmul_tflops": 0.06}}
+    entries = {name: ConfigResult(name, "fp32", False, False, 1, status="ok", agreement=1.0,
+                                  throughput_ips=ips, matmul_tflops=rate)
+               for name, ips, rate in (("nchw", 0.10, 0.11), ("cl", 0.07, 0.06))}
     bench._correct_for_load(entries)
-    assert entries["nchw"]["throughput_ips_load_corrected"] == pytest.approx(0.10)
-    assert entries["cl"]["throughput_ips_load_corrected"] == pytest.approx(0.07 * 0.11 / 0.06)
-    assert fastest_config({"configs": entries})["name"] == "cl"
+    assert entries["nchw"].throughput_ips_load_corrected == pytest.approx(0.10)
+    assert entries["cl"].throughput_ips_load_corrected == pytest.approx(0.07 * 0.11 / 0.06)
+    configs = {name: dataclasses.asdict(entry) for name, entry in entries.items()}
+    assert fastest_config({"configs": configs})["name"] == "cl"
 
 
 def test_config_names_are_unique_and_readable():

@@ -13,10 +13,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from fcn.data import (SeededSampler, SegmentationDataset, ShardSampler, find_pairs,
+from fcn.train.data import (SeededSampler, SegmentationDataset, ShardSampler, find_pairs,
                       sample_seed, train_transform)
 from fcn.errors import DataError
-from fcn.labels import IGNORE_INDEX
+from fcn.cityscapes.labels import IGNORE_INDEX
 
 from trainset import write_masks
 

@@ -20,8 +20,8 @@ import yaml
 from PIL import Image
 
 from eval_helpers import eval_data, official_evaluation, write_ground_truth
-from fcn.labels import CLASS_NAMES, TRAINID_TO_ID
-from fcn.layout import list_images, stem_of
+from fcn.cityscapes.labels import CLASS_NAMES, TRAINID_TO_ID
+from fcn.cityscapes.layout import list_images, stem_of
 from fcn.params import default_params_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,12 +235,13 @@ def test_ground_truth_of_another_size(data, tmp_path, monkeypatch, caplog):
 @pytest.fixture(scope="module")
 def exported_val(data, tmp_path_factory):
     """Valid val predictions written once (by the export stage's library code)."""
-    from fcn.export import ExportPaths, export_split
-    from fcn.inference import Predictor, load_checkpoint_model
+    from fcn.predict.export import ExportPaths, export_split
+    from fcn.checkpoint import load_model
+    from fcn.predict.predictor import Predictor
     from fcn.params import ExportParams, ModelParams
 
     out = tmp_path_factory.mktemp("exported")
-    predictor = Predictor(load_checkpoint_model(data.checkpoint, ModelParams()))
+    predictor = Predictor(load_model(data.checkpoint, ModelParams()))
     export_split(predictor, data.root, ExportPaths(out, "val"), ExportParams(overlays=0))
     return out / "val"
 

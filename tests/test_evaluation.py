@@ -1,4 +1,4 @@
-"""fcn.evaluation agrees with cityscapesScripts' evaluator to 1e-9 and rejects bad input clearly."""
+"""fcn.cityscapes.scoring agrees with cityscapesScripts' evaluator to 1e-9 and rejects bad input clearly."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from PIL import Image
 
 from eval_helpers import assert_agrees, eval_data, official_evaluation
 from fcn.errors import DataError
-from fcn.evaluation import (AVG_CLASS_SIZE, INSTANCE_CATEGORIES, CityscapesEvaluator, EvalFiles,
+from fcn.cityscapes.scoring import (AVG_CLASS_SIZE, INSTANCE_CATEGORIES, CityscapesEvaluator, EvalFiles,
                             evaluate_files, ground_truth_files, match_predictions)
-from fcn.labels import ID_TO_LABEL, ID_TO_TRAINID, NUM_IDS
-from fcn.layout import stem_of
+from fcn.cityscapes.labels import ID_TO_LABEL, ID_TO_TRAINID, NUM_IDS
+from fcn.cityscapes.layout import stem_of
 from fcn.metrics import class_scores, confusion_matrix
 
 
@@ -265,7 +265,7 @@ def test_prediction_lookup_is_the_official_one(data, tmp_path):
 def test_run_length_and_per_pixel_paths_agree(data, monkeypatch):
     """Real-looking label maps take the run-length path; forcing the per-pixel path (what
     noisy maps take) gives the same sums exactly."""
-    import fcn.evaluation as evaluation
+    import fcn.cityscapes.scoring as evaluation
 
     gts = [np.asarray(Image.open(g)) for g in data.val_labels]
     instances = [np.asarray(Image.open(_instances(g))) for g in data.val_labels]

@@ -1,4 +1,4 @@
-"""fcn.inference: checkpoints are checked before use, predictions are full-size trainIds,
+"""fcn.predict.predictor: checkpoints are checked before use, predictions are full-size trainIds,
 batching/channels-last/flip TTA behave, and predictions stream with bounded read-ahead."""
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch
 
 from eval_helpers import save_checkpoint
 from fcn.errors import DataError, FcnError
-from fcn.inference import Predictor, load_checkpoint_model, predict_stream, resolve_device
+from fcn.checkpoint import load_model
+from fcn.device import resolve_device
+from fcn.predict.predictor import Predictor, predict_stream
 from fcn.model import FCN8s
 from fcn.params import ModelParams
-from fcn.prefetch import read_ahead
+from fcn.threads import read_ahead
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +38,20 @@ def images() -> np.ndarray:
 
 def test_checkpoint_round_trip(model, tmp_path):
     path = save_checkpoint(tmp_path / "best.pt", model)
-    loaded = load_checkpoint_model(path, ModelParams())
+    loaded = load_model(path, ModelParams())
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(DataError, match=r"models/best\.pt: checkpoint not found"):
-        load_checkpoint_model(tmp_path / "models" / "best.pt", ModelParams())
+        load_model(tmp_path / "models" / "best.pt", ModelParams())
 
 
 def test_checkpoint_for_another_backbone(model, tmp_path):
     path = save_checkpoint(tmp_path / "best.pt", model, ModelParams(backbone="vgg16_bn"))
     with pytest.raises(DataError) as info:
-        load_checkpoint_model(path, ModelParams())
+        load_model(path, ModelParams())
     assert str(path) in str(info.value)
     assert "model.backbone='vgg16_bn'" in str(info.value) and "'vgg11_bn'" in str(info.value)
 
@@ -57,13 +59,13 @@ def test_checkpoint_for_another_backbone(model, tmp_path):
 def test_checkpoint_for_another_head(model, tmp_path):
     path = save_checkpoint(tmp_path / "best.pt", model, ModelParams(fc67=True))
     with pytest.raises(DataError, match="model.fc67=True"):
-        load_checkpoint_model(path, ModelParams())
+        load_model(path, ModelParams())
 
 
 def test_checkpoint_for_another_class_count(model, tmp_path):
     path = save_checkpoint(tmp_path / "best.pt", model, num_classes=20)
     with pytest.raises(DataError, match=r"best\.pt: checkpoint predicts 20 classes"):
-        load_checkpoint_model(path, ModelParams())
+        load_model(path, ModelParams())
 
 
 def test_checkpoint_with_weights_that_do_not_fit(model, tmp_path):
@@ -72,7 +74,7 @@ def test_checkpoint_with_weights_that_do_not_fit(model, tmp_path):
     torch.save({"model": state, "model_params": {"backbone": "vgg11_bn", "fc67": False},
                 "num_classes": 19, "epoch": 3}, path)
     with pytest.raises(DataError, match="weights do not fit FCN8s/vgg11_bn") as info:
-        load_checkpoint_model(path, ModelParams())
+        load_model(path, ModelParams())
     assert "score_pool3.weight" in str(info.value)
 
 
@@ -92,7 +94,7 @@ def test_unusable_checkpoint_files(tmp_path, content):
     else:
         torch.save({"epoch": 1}, path)
     with pytest.raises(DataError, match=r"best\.pt: not a"):
-        load_checkpoint_model(path, ModelParams())
+        load_model(path, ModelParams())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers import labels as cs
 
-from fcn import labels
+from fcn.cityscapes import labels
 
 
 def test_table_equals_cityscapesscripts_field_by_field():

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fcn.annotations import MAX_COORDINATE, Annotation, PolygonObject, parse_annotation
+from fcn.cityscapes.annotations import MAX_COORDINATE, Annotation, PolygonObject, parse_annotation
 from fcn.errors import DataError
-from fcn.labels import LABELS, NAME_TO_LABEL
-from fcn.masks import ENCODINGS, draw_label_ids, generated_path, render, write_masks
+from fcn.cityscapes.labels import LABELS, NAME_TO_LABEL
+from fcn.cityscapes.layout import ENCODINGS, mask_path
+from fcn.masks.render import draw_label_ids, render, write_masks
 from fcn.png import encode_png
 
 CS_ENCODING = {"labelIds": "ids", "labelTrainIds": "trainIds", "color": "color"}
@@ -181,7 +182,7 @@ def test_written_pngs_read_back_to_the_arrays(tiny_dataset, tmp_path):
     path = next((tiny_dataset / "gtFine" / "val").rglob("*_gtFine_polygons.json"))
     stem = path.name.removesuffix("_gtFine_polygons.json")
     masks = render(parse_annotation(json.loads(path.read_text()), str(path)))
-    paths = {e: generated_path(tmp_path, "val", stem, e) for e in ENCODINGS}
+    paths = {e: mask_path(tmp_path, "val", stem, e) for e in ENCODINGS}
     write_masks(masks, paths)
     city = stem.split("_")[0]
     assert paths["labelIds"] == tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png"
@@ -219,10 +220,10 @@ def test_png_encoder_rejects_what_it_does_not_write(array):
         encode_png(array)
 
 
-def test_draw_label_ids_and_generated_path():
+def test_draw_label_ids_and_mask_path():
     data = {"imgHeight": 4, "imgWidth": 4, "objects": [obj("sky", [[0, 0], [3, 0], [3, 3], [0, 3]])]}
     assert (draw_label_ids(parse_annotation(data, "x")) == 23).all()
-    assert generated_path("out", "train", "aachen_000001_000019", "color") == Path(
+    assert mask_path("out", "train", "aachen_000001_000019", "color") == Path(
         "out/gtFine/train/aachen/aachen_000001_000019_gtFine_color.png")
     with pytest.raises(ValueError, match="unknown encoding"):
-        generated_path("out", "train", "aachen_000001_000019", "depth")
+        mask_path("out", "train", "aachen_000001_000019", "depth")

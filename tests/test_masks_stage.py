@@ -3,7 +3,6 @@ and bad input: one clear line naming the file, exit code 1, no PNG left behind."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -18,18 +17,15 @@ from cityscapesscripts.preparation.json2instanceImg import createInstanceImage
 from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image
 
-from fcn.agreement import summarize, worst_report
+from fcn.masks.agreement import summarize, worst_report
 from fcn.cli import run_stage
 from fcn.errors import DataError
-from fcn.mask_dataset import check_output_root, generate
-from fcn.masks import ENCODINGS, generated_path
-from fcn.params import default_params_dict
+from fcn.masks.generate import check_output_root, generate, masks_stage
+from fcn.cityscapes.layout import ENCODINGS, mask_path
+from fcn.params import default_params_dict, load_params
 from fcn.synthetic import make_scene
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("masks_stage", REPO / "stages" / "masks.py")
-masks_stage = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(masks_stage)  # stages/masks.py, without putting stages/ on sys.path
 
 H, W = 24, 48
 
@@ -51,24 +47,26 @@ def scene(seed: int) -> dict:
 
 
 def run(tmp_path: Path, root: Path, workers: int = 1, **masks) -> tuple[int, dict | None]:
-    """Run the stage as its script does (run_stage(main)); (exit code, metrics or None)."""
+    """Run the stage's library function as its script does (validated params, run_stage's
+    error handling); (exit code, metrics or None)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    params = default_params_dict()
-    params["data"] = {"root": str(root), "generated": str(tmp_path / "generated")}
-    params["masks"].update({"workers": workers, "splits": ["val"], **masks})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    raw = default_params_dict()
+    raw["data"] = {"root": str(root), "generated": str(tmp_path / "generated")}
+    raw["masks"].update({"workers": workers, "splits": ["val"], **masks})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     metrics = tmp_path / "metrics" / "masks.json"
-    argv = ["masks.py", "--params", str(tmp_path / "params.yaml"), "--metrics", str(metrics),
-            "--plots", str(tmp_path / "plots")]
-    old = sys.argv
-    sys.argv = argv
+
+    def main() -> None:
+        params = load_params(tmp_path / "params.yaml")
+        m = params.masks
+        masks_stage(params.data.root, params.data.generated, m.encodings, m.splits, m.workers,
+                    m.worst, m.figure_images, metrics, tmp_path / "plots")
+
     try:
-        run_stage(masks_stage.main)
+        run_stage(main)
         code = 0
     except SystemExit as exc:
         code = exc.code
-    finally:
-        sys.argv = old
     return code, json.loads(metrics.read_text()) if metrics.exists() else None
 
 
@@ -79,7 +77,7 @@ def test_stage_writes_every_encoding_in_the_official_layout(tmp_path, tiny_datas
     assert code == 0
     stems = {(p.parts[-3], p.name.removesuffix("_gtFine_polygons.json"))
              for p in (tiny_dataset / "gtFine").rglob("*_gtFine_polygons.json")}
-    expected = {generated_path(tmp_path / "generated", split, stem, e)
+    expected = {mask_path(tmp_path / "generated", split, stem, e)
                 for split, stem in stems for e in ENCODINGS}
     written = {p for p in (tmp_path / "generated").rglob("*") if p.is_file()}
     assert written == expected

@@ -1,4 +1,4 @@
-"""fcn.pngread reads every PNG exactly as PIL does, fast for fcn.png's Up-filtered masks."""
+"""fcn.png reads every PNG exactly as PIL does, fast for fcn.png's Up-filtered masks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fcn.png import encode_png
-from fcn.pngread import PngError, read_png_array
+from fcn.png import PngError, read_png_array
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

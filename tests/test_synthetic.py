@@ -9,10 +9,10 @@ import numpy as np
 from cityscapesscripts.helpers.annotation import Annotation as CsAnnotation
 from PIL import Image
 
-from fcn.labels import EVAL_LABELS, ID_TO_TRAINID, NAME_TO_LABEL
-from fcn.masks import draw_label_ids
+from fcn.cityscapes.labels import EVAL_LABELS, ID_TO_TRAINID, NAME_TO_LABEL
+from fcn.masks.render import draw_label_ids
 from fcn.metrics import summary
-from fcn.annotations import read_annotation
+from fcn.cityscapes.annotations import read_annotation
 from fcn.synthetic import synthesize
 
 from conftest import TINY, with_changes

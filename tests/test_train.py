@@ -15,14 +15,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from fcn import checkpoint as ckpt
-from fcn.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
-from fcn.distributed import Context
-from fcn.engine import (NonFiniteLossError, build_criterion, build_optimizer, build_scheduler,
-                        evaluate, train_one_epoch)
+from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
+from fcn.train.distributed import Context
+from fcn.train.loop import (NonFiniteLossError, build_criterion, build_optimizer, build_scheduler,
+                             train_one_epoch, validate)
 from fcn.metrics import summary
 from fcn.model import FCN8s
-from fcn.params import TrainParams, parse_params
-from fcn.train import fit, load_for_eval
+from fcn.params import Params, TrainParams, parse_params, sections_dict
+from fcn.train.fit import fit
 
 from trainset import tiny_params, write_masks, write_params
 
@@ -36,6 +36,12 @@ def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     generated = tmp_path_factory.mktemp("generated")
     write_masks(tiny_dataset, generated)
     return generated
+
+
+def fit_stage(params: Params, live_dir: Path) -> dict:
+    """What stages/train.py calls, for one process."""
+    return fit(params.model, params.train, params.data.root, params.data.generated, live_dir,
+               identity=sections_dict(params, "data", "synthesize"))
 
 
 def _stage(params_file: Path, cwd: Path) -> list[str]:
@@ -136,10 +142,10 @@ def test_two_process_ddp_logs_the_val_miou_of_the_saved_model(tiny_dataset, mask
     assert "x2" in done.stderr  # trained by 2 ranks
     logged = ckpt.load(tmp_path / "models" / "last.pt")["metrics"]
 
-    model = load_for_eval(tmp_path / "models" / "last.pt")
+    model = ckpt.load_model(tmp_path / "models" / "last.pt")
     val = SegmentationDataset(tiny_dataset, masks, "val")
     loader = DataLoader(val, batch_size=1, sampler=ShardSampler(len(val)))
-    result = evaluate(model, loader, build_criterion(TrainParams(), CPU.device), CPU, "fp32")
+    result = validate(model, loader, build_criterion(TrainParams(), CPU.device), CPU, "fp32")
     scores = summary(result.confusion)
     assert scores["miou"] == logged["val/miou"]
     assert scores["mean_dice"] == logged["val/mean_dice"]
@@ -167,7 +173,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, masks, 
     monkeypatch.setattr(FCN8s, "forward", poisoned)
     try:
         with pytest.raises(NonFiniteLossError, match="epoch 2, iteration 2"):
-            fit(params, tmp_path / "live")
+            fit_stage(params, tmp_path / "live")
     finally:
         torch.use_deterministic_algorithms(False)
     last = ckpt.load(tmp_path / "models" / "last.pt")
@@ -183,7 +189,7 @@ def test_best_checkpoint_loads_weights_only_and_rebuilds_the_model(tiny_dataset,
     params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=1,
                                       batch_size=6))
     try:
-        record = fit(params, tmp_path / "live")
+        record = fit_stage(params, tmp_path / "live")
     finally:
         torch.use_deterministic_algorithms(False)
     best = torch.load(tmp_path / "models" / "best.pt", weights_only=True)
@@ -194,7 +200,7 @@ def test_best_checkpoint_loads_weights_only_and_rebuilds_the_model(tiny_dataset,
     assert best["metrics"]["val/miou"] == record["val/miou"]
     last = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
     assert {"optimizer", "scheduler", "scaler", "rng", "params_hash", "history"} <= last.keys()
-    model = load_for_eval(tmp_path / "models" / "best.pt")
+    model = ckpt.load_model(tmp_path / "models" / "best.pt")
     assert isinstance(model, FCN8s) and not model.training
 
 
@@ -215,5 +221,5 @@ def test_a_few_images_overfit_to_miou_above_0_9(tiny_dataset, masks):
         train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, CPU, "fp32",
                         epoch)
     plain = Subset(SegmentationDataset(tiny_dataset, masks, "train"), [0, 1])
-    result = evaluate(model, DataLoader(plain, batch_size=1), criterion, CPU, "fp32")
+    result = validate(model, DataLoader(plain, batch_size=1), criterion, CPU, "fp32")
     assert summary(result.confusion)["miou"] > 0.9

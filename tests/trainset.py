@@ -1,6 +1,6 @@
 """Helpers for the data/training tests: masks for a synthetic root, and tiny params files.
 
-Masks are drawn here from the polygons (fcn.masks + the trainId table), exactly what the
+Masks are drawn here from the polygons (fcn.masks.render + the trainId table), exactly what the
 masks stage writes, so these tests do not depend on that stage.
 """
 
@@ -14,10 +14,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from fcn.annotations import read_annotation
-from fcn.data import mask_path
-from fcn.labels import ID_TO_TRAINID
-from fcn.masks import draw_label_ids
+from fcn.cityscapes.annotations import read_annotation
+from fcn.cityscapes.layout import mask_path
+from fcn.cityscapes.labels import ID_TO_TRAINID
+from fcn.masks.render import draw_label_ids
 from fcn.params import default_params_dict
 
 from conftest import TINY
@@ -26,9 +26,9 @@ from conftest import TINY
 def write_masks(root: Path, generated: Path) -> None:
     """`<generated>/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png` for every image."""
     for polygons in sorted((root / "gtFine").rglob("*_gtFine_polygons.json")):
-        split, city = polygons.parts[-3], polygons.parts[-2]
+        split = polygons.parts[-3]
         stem = polygons.name.removesuffix("_gtFine_polygons.json")
-        out = mask_path(generated, split, city, stem)
+        out = mask_path(generated, split, stem, "labelTrainIds")
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(ID_TO_TRAINID[draw_label_ids(read_annotation(polygons))]).save(out)
 

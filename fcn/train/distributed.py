@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fcn.device import resolve_device
 from fcn.errors import FcnError
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,6 @@ def relaunch(nproc: int, script: str, args: Sequence[str]) -> int:
                f"--nproc-per-node={nproc}", script, *args]
     log.info("launching %d processes: %s", nproc, " ".join(command))
     return subprocess.run(command, check=False).returncode
-
-
-def resolve_device(choice: str, local_rank: int = 0, setting: str = "device") -> torch.device:
-    """'auto' → CUDA when present (this rank's GPU), else CPU; 'cuda' without a GPU is an
-    input error naming the parameter `setting` (e.g. 'train.device')."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise FcnError(f"{setting} is 'cuda' but CUDA is not available on this machine "
-                       f"(set {setting} to 'auto' or 'cpu')")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def setup(device_choice: str) -> Context:

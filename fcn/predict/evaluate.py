@@ -19,62 +19,75 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fcn.evaluation import (CityscapesEvaluator, CityscapesScores, EvalFiles, evaluate_files,
-                            ground_truth_files, match_predictions, read_label_png)
-from fcn.inference import Predictor, predict_stream, read_image
-from fcn.io import atomic_dir, write_json, write_text
-from fcn.labels import EVAL_LABELS, ID_TO_TRAINID, TRAINID_TO_ID
-from fcn.layout import list_images, stem_of
-from fcn.params import DataParams, EvaluateParams
-from fcn.visualize import confusion_heatmap, sample_panel, spread, write_png
+from fcn.atomic import atomic_dir, write_json, write_text
+from fcn.cityscapes.labels import EVAL_LABELS, ID_TO_TRAINID, TRAINID_TO_ID
+from fcn.cityscapes.layout import list_images, stem_of
+from fcn.cityscapes.scoring import (CityscapesEvaluator, CityscapesScores, EvalFiles,
+                                    evaluate_files, ground_truth_files, match_predictions)
+from fcn.images import read_labels, read_rgb, write_png
+from fcn.params import EvaluateParams, ModelParams
+from fcn.predict.predictor import Predictor, predict_stream
+from fcn.predict.visualize import confusion_heatmap, sample_panel, spread
 
 log = logging.getLogger(__name__)
 
 SPLIT = "val"
+CLASS_IOU, CONFUSION, SAMPLES = "class_iou.csv", "confusion.png", "samples"
+"""What the plots folder holds (dvc.yaml's evaluate plots name them)."""
 
 
 @dataclass(frozen=True)
 class ReportPaths:
-    """Where the evaluate stage writes (relative to the working directory by default)."""
+    """Where the evaluate stage writes: `<metrics>` (means), `<tables>_classes.csv/.md` and
+    `<tables>_categories.csv`, and the `<plots>` folder."""
 
-    metrics: Path = Path("metrics/evaluate.json")
-    classes_csv: Path = Path("metrics/evaluate_classes.csv")
-    classes_md: Path = Path("metrics/evaluate_classes.md")
-    categories_csv: Path = Path("metrics/evaluate_categories.csv")
-    plots: Path = Path("plots/evaluate")
-
-    @property
-    def class_iou(self) -> Path:
-        return self.plots / "class_iou.csv"
+    metrics: Path
+    tables: Path
+    plots: Path
 
     @property
-    def confusion(self) -> Path:
-        return self.plots / "confusion.png"
+    def classes_csv(self) -> Path:
+        return self.tables.with_name(self.tables.name + "_classes.csv")
 
     @property
-    def samples(self) -> Path:
-        return self.plots / "samples"
+    def classes_md(self) -> Path:
+        return self.tables.with_name(self.tables.name + "_classes.md")
+
+    @property
+    def categories_csv(self) -> Path:
+        return self.tables.with_name(self.tables.name + "_categories.csv")
 
 
-def ground_truth_root(data: DataParams, evaluate: EvaluateParams) -> Path:
-    """Generated masks by default; `dataset` scores against the masks shipped in data.root
-    (real Cityscapes), which is what the official server compares with."""
-    return Path(data.generated if evaluate.ground_truth == "generated" else data.root)
+
+def evaluate_stage(root: str | Path, generated: str | Path, model: ModelParams,
+                   params: EvaluateParams, paths: ReportPaths, checkpoint: str | Path,
+                   predictions: str | Path | None = None) -> CityscapesScores:
+    """The evaluate stage: score the model of `checkpoint` on val (or, given `predictions`,
+    the label-id PNGs under that folder instead) and write the report to `paths`."""
+    truth_root = Path(generated if params.ground_truth == "generated" else root)
+    if predictions is not None:
+        scores, panels = evaluate_exported(predictions, root, truth_root, params)
+    else:
+        predictor = Predictor.from_params(checkpoint, model, params)
+        scores, panels = evaluate_model(predictor, root, truth_root, params)
+    write_report(scores, panels, paths)
+    return scores
 
 
-def evaluate_model(predictor: Predictor, data: DataParams, params: EvaluateParams
-                   ) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
-    """Predict every val image, score it against its ground truth; also the sample panels."""
-    images = list_images(data.root, SPLIT)
+def evaluate_model(predictor: Predictor, root: str | Path, truth_root: str | Path,
+                   params: EvaluateParams) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
+    """Predict every val image under `root`, score it against the ground truth under
+    `truth_root` (generated masks, or the ones shipped with the dataset); also the panels."""
+    images = list_images(root, SPLIT)
     stems = [stem_of(p) for p in images]
-    truth = ground_truth_files(ground_truth_root(data, params), SPLIT, stems)
+    truth = ground_truth_files(truth_root, SPLIT, stems)
     items = list(zip(images, truth))
     chosen = {stems[i] for i in spread(len(items), params.samples)}
 
     def load(item: tuple[Path, tuple[Path, Path | None]]):
         image, (labels, instances) = item
-        return read_image(image), (read_label_png(labels, "ground-truth labelIds"),
-                                   read_label_png(instances, "ground-truth instanceIds"))
+        return read_rgb(image), (read_labels(labels, "ground-truth labelIds"),
+                                 read_labels(instances, "ground-truth instanceIds"))
 
     evaluator = CityscapesEvaluator(instance_scores=True)
     panels: dict[str, np.ndarray] = {}
@@ -90,20 +103,20 @@ def evaluate_model(predictor: Predictor, data: DataParams, params: EvaluateParam
     return evaluator.scores(), panels
 
 
-def evaluate_exported(predictions: str | Path, data: DataParams, params: EvaluateParams
-                      ) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
+def evaluate_exported(predictions: str | Path, root: str | Path, truth_root: str | Path,
+                      params: EvaluateParams) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
     """Score label-id PNGs under `predictions` (one `<city>_<seq>_<frame>*.png` per val image)."""
-    images = list_images(data.root, SPLIT)
+    images = list_images(root, SPLIT)
     stems = [stem_of(p) for p in images]
-    truth = ground_truth_files(ground_truth_root(data, params), SPLIT, stems)
+    truth = ground_truth_files(truth_root, SPLIT, stems)
     found = match_predictions(predictions, [labels for labels, _ in truth])
     files = [EvalFiles(p, labels, instances) for p, (labels, instances) in zip(found, truth)]
     scores = evaluate_files(files, instance_scores=True, workers=params.workers)
     panels = {}
     for i in spread(len(files), params.samples):
-        predicted_ids = read_label_png(files[i].prediction, "prediction")
-        panels[stems[i]] = sample_panel(read_image(images[i]),
-                                        read_label_png(files[i].labels, "ground-truth labelIds"),
+        predicted_ids = read_labels(files[i].prediction, "prediction")
+        panels[stems[i]] = sample_panel(read_rgb(images[i]),
+                                        read_labels(files[i].labels, "ground-truth labelIds"),
                                         ID_TO_TRAINID[predicted_ids], params.sample_width)
     return scores, panels
 
@@ -169,7 +182,7 @@ def _markdown(scores: CityscapesScores) -> str:
 
 
 def write_report(scores: CityscapesScores, panels: dict[str, np.ndarray],
-                 paths: ReportPaths = ReportPaths()) -> None:
+                 paths: ReportPaths) -> None:
     """Metrics JSON (means; null = not defined), class/category tables, plot data and images."""
     rows = class_rows(scores)
     metrics = {key: _number(value) for key, value in scores.means().items()}
@@ -195,8 +208,8 @@ def write_plots(scores: CityscapesScores, panels: dict[str, np.ndarray], paths: 
         # in truth or prediction) is left empty, not drawn as a zero bar
         bars = [{"class": name, "iou": "" if math.isnan(value) else value}
                 for name, value in scores.class_iou.items()]
-        write_text(tmp / paths.class_iou.name, _csv(bars))
-        confusion_heatmap(tmp / paths.confusion.name, scores.trainid_confusion())
+        write_text(tmp / CLASS_IOU, _csv(bars))
+        confusion_heatmap(tmp / CONFUSION, scores.trainid_confusion())
         for stem, panel in panels.items():
-            write_png(tmp / paths.samples.name / f"{stem}.png", panel)
+            write_png(tmp / SAMPLES / f"{stem}.png", panel)
 

@@ -27,15 +27,12 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fcn import layout
-from fcn.annotations import Annotation
+from fcn.cityscapes.annotations import Annotation
+from fcn.cityscapes.labels import ID_TO_COLOR, ID_TO_TRAINID, NAME_TO_LABEL, label_for_polygon
+from fcn.cityscapes.layout import ENCODINGS
 from fcn.errors import DataError
-from fcn.io import write_bytes
-from fcn.labels import ID_TO_COLOR, ID_TO_TRAINID, NAME_TO_LABEL, label_for_polygon
+from fcn.images import write_label_png
 from fcn.png import encode_png
-
-ENCODINGS: Final = ("labelIds", "labelTrainIds", "color", "instanceIds")
-"""Every encoding, in the order files are written."""
 
 MAX_INSTANCE_ID: Final = np.iinfo(np.uint16).max
 
@@ -126,37 +123,17 @@ def draw_label_ids(annotation: Annotation) -> np.ndarray:
     return render(annotation, ("labelIds",))["labelIds"]
 
 
-def generated_path(generated_root: str | Path, split: str, stem: str, encoding: str) -> Path:
-    """Where the masks stage writes a mask: `<generated>/gtFine/<split>/<city>/<stem>_gtFine_<encoding>.png`
-    (the official layout, so any Cityscapes tool pointed at `generated_root` finds it)."""
-    _check_encodings((encoding,))
-    return layout.mask_path(generated_root, split, stem, encoding)
-
-
 def write_masks(masks: Mapping[str, np.ndarray], paths: Mapping[str, Path],
                 atomic: bool = True) -> None:
     """Write each mask to its path as PNG.
 
     atomic: each through a temporary file + rename (never half a file). Pass False only when
-    the folder itself is private until complete (fcn.io.atomic_dir): the rename per file then
+    the folder itself is private until complete (fcn.atomic.atomic_dir): the rename per file then
     adds nothing but a few ms per image.
     """
     for encoding, path in paths.items():
-        data = encode_png(masks[encoding])
         if atomic:
-            write_bytes(path, data)
+            write_label_png(path, masks[encoding])
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A mask PNG as an array: uint8[H, W], uint16/int32[H, W] (instanceIds), uint8[H, W, C]."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image: {exc}") from None
+            path.write_bytes(encode_png(masks[encoding]))

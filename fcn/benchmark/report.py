@@ -1,7 +1,7 @@
 """Benchmark results → headline metrics, the full results JSON, a CSV for `dvc plots`, a PNG,
 and a Markdown table.
 
-Kept apart from fcn.benchmark so that measuring never depends on matplotlib, and the README
+Kept apart from fcn.benchmark.run so that measuring never depends on matplotlib, and the README
 table is produced from the JSON rather than copied by hand.
 """
 
@@ -19,8 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
-from fcn import io as fio  # noqa: E402
-from fcn.benchmark import iter_ok  # noqa: E402
+from fcn import atomic as fio  # noqa: E402
+from fcn.benchmark.run import iter_ok  # noqa: E402
 
 log = logging.getLogger(__name__)
 

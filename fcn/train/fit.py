@@ -11,11 +11,11 @@ metrics.json, which after a SIGKILL can be one epoch ahead of (or behind) the ch
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from fcn import checkpoint as ckpt
-from fcn.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
-from fcn.distributed import Context, broadcast_buffers, setup, teardown
-from fcn.engine import (NonFiniteLossError, PassResult, build_criterion, build_optimizer,
-                        build_scheduler, evaluate, train_one_epoch)
-from fcn.labels import NUM_CLASSES
+from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
+from fcn.train.distributed import Context, broadcast_buffers, setup, teardown
+from fcn.train.loop import (NonFiniteLossError, PassResult, build_criterion, build_optimizer,
+                        build_scheduler, train_one_epoch, validate)
+from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.metrics import summary
-from fcn.model import FCN8s, build_model
-from fcn.params import Params, TrainParams
+from fcn.model import build_model
+from fcn.params import ModelParams, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def make_loaders(params: Params, context: Context) -> tuple[DataLoader, DataLoader]:
-    t = params.train
-    train_set = SegmentationDataset(params.data.root, params.data.generated, "train",
+def make_loaders(root: str | Path, generated: str | Path, t: TrainParams,
+                 context: Context) -> tuple[DataLoader, DataLoader]:
+    train_set = SegmentationDataset(root, generated, "train",
                                     train_transform(t.crop, t.scale, t.flip, t.jitter))
-    val_set = SegmentationDataset(params.data.root, params.data.generated, "val")
+    val_set = SegmentationDataset(root, generated, "val")
     pin = context.device.type == "cuda"
     train_loader = DataLoader(
         train_set, batch_size=t.batch_size,
@@ -113,36 +113,42 @@ def _log_epoch(record: dict[str, Any], epochs: int, seconds: float) -> None:
              record["val/miou"], record["val/mean_dice"], record["val/mean_pixel_accuracy"])
 
 
-def fit(params: Params, live_dir: str | Path = "metrics/train") -> dict[str, Any]:
-    """Train as `params` say, resuming from `<train.out>/last.pt` when its parameter hash
-    matches; returns the last epoch's record. Every rank calls this under torchrun."""
-    t: TrainParams = params.train
-    context = setup(t.device)
+def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str | Path,
+        live_dir: str | Path = "metrics/train",
+        identity: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Train as `model`/`train` say on the images under `root` and the masks under
+    `generated`, resuming from `<train.out>/last.pt` when its parameter hash matches; returns
+    the last epoch's record. `identity`: further sections (plain data) that name the data, so
+    a checkpoint of other data is not resumed. Every rank calls this under torchrun."""
+    context = setup(train.device)
     if not context.is_main:
         logging.getLogger("fcn").setLevel(logging.WARNING)
+    hashed = ckpt.hashed_params(model, train, identity or {})
     try:
-        return _fit(params, t, context, Path(t.out), Path(live_dir))
+        return _fit(model, train, Path(root), Path(generated), hashed, context, Path(train.out),
+                    Path(live_dir))
     finally:
         teardown(context)
 
 
-def _fit(params: Params, t: TrainParams, context: Context, out: Path,
+def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
+         hashed: Mapping[str, Any], context: Context, out: Path,
          live_dir: Path) -> dict[str, Any]:
     device = context.device
     configure_determinism(device)
     if device.type == "cpu" and t.precision != "fp32":
         log.info("train.precision %s applies on CUDA only: training on CPU in fp32",
                  t.precision)
-    train_loader, val_loader = make_loaders(params, context)
+    train_loader, val_loader = make_loaders(root, generated, t, context)
 
     seed_everything(t.seed)  # the same initial weights on every rank
-    model = build_model(params.model, NUM_CLASSES).to(device)
+    model = build_model(model_params, NUM_CLASSES).to(device)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, len(train_loader))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
     criterion = build_criterion(t, device)
 
-    resume = ckpt.resumable(out, params)
+    resume = ckpt.resumable(out, hashed, t.epochs)
     history: list[dict[str, Any]] = []
     start_epoch, best_miou, best_epoch = 0, math.nan, -1
     if resume is not None:
@@ -166,12 +172,10 @@ def _fit(params: Params, t: TrainParams, context: Context, out: Path,
         log.info("all %d epochs already trained: nothing to do", t.epochs)
     else:
         log.info("training %s on %s x%d: %d train / %d val images, %d iterations per epoch, "
-                 "epochs %d..%d", params.model.backbone, device, context.world_size,
+                 "epochs %d..%d", model_params.backbone, device, context.world_size,
                  len(train_loader.dataset), len(val_loader.dataset), len(train_loader),
                  start_epoch + 1, t.epochs)
 
-    hashed = ckpt.hashed_params(params)
-    digest = ckpt.training_hash(params)
     record: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
@@ -179,7 +183,7 @@ def _fit(params: Params, t: TrainParams, context: Context, out: Path,
         trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
                                   context, t.precision, epoch)
         broadcast_buffers(model, context)
-        validated = evaluate(model, val_loader, criterion, context, t.precision)
+        validated = validate(model, val_loader, criterion, context, t.precision)
         if not math.isfinite(validated.loss):
             raise NonFiniteLossError(
                 f"non-finite validation loss after epoch {epoch + 1}: the weights diverged; "
@@ -194,24 +198,11 @@ def _fit(params: Params, t: TrainParams, context: Context, out: Path,
         record.update({"best/val_miou": best_miou, "best/epoch": best_epoch})
         history.append(record)
         if context.is_main:
-            state = {
-                "format": ckpt.FORMAT,
-                "model": model.state_dict(),
-                "model_params": dataclasses.asdict(params.model),
-                "num_classes": NUM_CLASSES,
-                "epoch": epoch + 1,  # epochs completed
-                "step": scheduler.last_epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "best_miou": best_miou,
-                "best_epoch": best_epoch,
-                "metrics": {k: v for k, v in record.items() if k != "epoch"},
-                "history": history,
-                "params_hash": digest,
-                "hashed_params": hashed,
-                "rng": gather_rng_states(context),
-            }
+            state = ckpt.training_state(
+                model=model, model_params=model_params, epoch=epoch + 1,
+                step=scheduler.last_epoch, optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, best_miou=best_miou, best_epoch=best_epoch, history=history,
+                hashed=hashed, rng=gather_rng_states(context))
             if improved:
                 ckpt.save(out / ckpt.BEST, ckpt.best_subset(state))
             ckpt.save(out / ckpt.LAST, state)
@@ -234,12 +225,3 @@ def gather_rng_states(context: Context) -> list[dict[str, Any]]:
     gathered: list[Any] = [None] * context.world_size if context.is_main else []
     dist.gather_object(state, gathered if context.is_main else None, dst=0)
     return gathered
-
-
-def load_for_eval(path: str | Path, device: torch.device | str = "cpu") -> FCN8s:
-    """A model rebuilt from a checkpoint's `model_params` and weights, in eval mode."""
-    checkpoint = ckpt.load(path)
-    p = checkpoint["model_params"]
-    model = FCN8s(p["backbone"], checkpoint["num_classes"], p["fc67"], p["fc_channels"])
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()

@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from fcn.atomic import atomic_path, write_text
+from fcn.cityscapes.labels import ID_TO_COLOR, TRAINID_TO_COLOR
+from fcn.cityscapes.layout import ENCODINGS
 from fcn.errors import DataError
-from fcn.io import atomic_path, write_text
-from fcn.labels import ID_TO_COLOR, TRAINID_TO_COLOR
-
-ENCODING_ORDER = ("labelIds", "labelTrainIds", "color", "instanceIds")
-
+from fcn.images import read_labels, read_rgba
 
 @dataclass(frozen=True)
 class ImageResult:
@@ -52,20 +50,8 @@ class ImageResult:
 
 def read_shipped(path: str | Path, encoding: str) -> np.ndarray:
     """A shipped mask as an array comparable with ours: color as RGBA, the rest one channel."""
-    try:
-        with Image.open(path) as image:
-            if encoding == "color":
-                array = np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
-            elif image.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
-                array = np.asarray(image)
-            else:
-                raise DataError(f"{path}: expected a single-channel {encoding} image, "
-                                f"got mode {image.mode}")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image: {exc}") from None
-    return array
+    what = f"shipped {encoding}"
+    return read_rgba(path, what) if encoding == "color" else read_labels(path, what)
 
 
 def difference(ours: np.ndarray, shipped: np.ndarray, path: str | Path) -> np.ndarray:
@@ -90,7 +76,7 @@ def summarize(results: Sequence[ImageResult], encodings: Sequence[str]) -> dict[
         "files_written": len(results) * len(encodings),
         "shipped_masks": sum(len(r.differing) for r in results),
     }
-    shipped_encodings = [e for e in ENCODING_ORDER if any(e in r.differing for r in results)]
+    shipped_encodings = [e for e in ENCODINGS if any(e in r.differing for r in results)]
     agreement = {}
     for encoding in shipped_encodings:
         compared = [r for r in results if encoding in r.differing]
@@ -118,8 +104,8 @@ def worst_report(results: Sequence[ImageResult], count: int) -> list[dict[str, A
     """
     return [
         {"image": r.name,
-         "agreement": {e: r.agreement(e) for e in ENCODING_ORDER if e in r.differing},
-         "differing_pixels": {e: r.differing[e] for e in ENCODING_ORDER if e in r.differing}}
+         "agreement": {e: r.agreement(e) for e in ENCODINGS if e in r.differing},
+         "differing_pixels": {e: r.differing[e] for e in ENCODINGS if e in r.differing}}
         for r in worst_images(results, count)
     ]
 
@@ -135,11 +121,11 @@ def write_table(path: str | Path, results: Sequence[ImageResult]) -> None:
     """Per-image agreement as CSV (a header only when nothing was shipped)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "pixels", *(f"{e}_agreement" for e in ENCODING_ORDER)])
+    writer.writerow(["image", "pixels", *(f"{e}_agreement" for e in ENCODINGS)])
     for r in results:
         if r.differing:
             writer.writerow([r.name, r.pixels, *(repr(r.agreement(e)) if e in r.differing else ""
-                                                  for e in ENCODING_ORDER)])
+                                                  for e in ENCODINGS)])
     write_text(path, buffer.getvalue())
 
 

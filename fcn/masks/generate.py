@@ -14,19 +14,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from fcn import layout
-from fcn.agreement import ImageResult, difference, figure, read_shipped, worst_images
-from fcn.annotations import read_annotation
+from fcn.atomic import atomic_dir, write_json
+from fcn.cityscapes import layout
+from fcn.cityscapes.annotations import read_annotation
+from fcn.cityscapes.layout import ENCODINGS
 from fcn.errors import DataError
-from fcn.io import atomic_dir
-from fcn.masks import ENCODINGS, generated_path, render, write_masks
+from fcn.masks.agreement import (ImageResult, difference, figure, read_shipped, summarize,
+                                 worst_images, worst_report, write_table)
+from fcn.masks.render import render, write_masks
 
 log = logging.getLogger(__name__)
-
-POLYGONS_SUFFIX = "_gtFine_polygons.json"
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,12 @@ class Item:
     polygons: Path
 
 
-def polygons_path(root: str | Path, split: str, stem: str) -> Path:
-    return Path(root) / "gtFine" / split / layout.city_of(stem) / f"{stem}{POLYGONS_SUFFIX}"
-
-
 def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
     """Every `*_gtFine_polygons.json` of the splits, each checked to have its image."""
     root = Path(root)
     items = []
     for split in splits:
-        files = layout.split_files(root / "gtFine" / split, POLYGONS_SUFFIX, "annotation")
-        for path in files:
-            stem = path.name.removesuffix(POLYGONS_SUFFIX)
-            if layout.stem_of(path) != stem or layout.city_of(stem) != path.parent.name:
-                raise DataError(f"{path}: expected <city>/<city>_<seq:06d>_<frame:06d>"
-                                f"{POLYGONS_SUFFIX}")
+        for stem, path in layout.list_annotations(root, split):
             image = layout.image_path(root, split, stem)
             if not image.is_file():
                 raise DataError(f"{path}: no matching image {image}")
@@ -75,13 +67,10 @@ def check_output_root(root: str | Path, generated: str | Path) -> None:
 
 def _foreign_files(generated: Path) -> Iterator[Path]:
     """Files under `generated` this stage would not have written."""
-    suffixes = tuple(f"_gtFine_{e}.png" for e in ENCODINGS)
     for path in generated.rglob("*"):
         if path.is_dir() and not path.is_symlink():
             continue
-        relative = path.relative_to(generated).parts
-        if not (len(relative) == 4 and relative[0] == "gtFine" and path.is_file()
-                and path.name.endswith(suffixes)):
+        if not (path.is_file() and layout.is_mask_file(path.relative_to(generated))):
             yield path
 
 
@@ -93,7 +82,7 @@ def _process(task: tuple[Item, Path, Path, tuple[str, ...]]) -> ImageResult:
     shipped = {e: p for e, p in shipped.items() if p.is_file()}
     needed = [e for e in ENCODINGS if e in encodings or e in shipped]
     masks = render(annotation, needed, source=str(item.polygons))
-    write_masks(masks, {e: generated_path(out, item.split, item.stem, e) for e in encodings},
+    write_masks(masks, {e: layout.mask_path(out, item.split, item.stem, e) for e in encodings},
                 atomic=False)  # `out` is atomic_dir's private folder, swapped in when complete
     differing = {e: int(difference(masks[e], read_shipped(p, e), p).sum())
                  for e, p in shipped.items()}
@@ -136,7 +125,7 @@ def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
     """Write the masks of every annotation of `splits` under `generated`, replacing it whole.
 
     The masks are written to a temporary folder beside `generated` and swapped in only once
-    all are done (fcn.io.atomic_dir); on any error `generated` is left as it was.
+    all are done (fcn.atomic.atomic_dir); on any error `generated` is left as it was.
     """
     root, generated = Path(root), Path(generated)
     check_output_root(root, generated)
@@ -168,7 +157,7 @@ def agreement_figure(path: str | Path, root: str | Path, results: Sequence[Image
     root = Path(root)
     rows = []
     for r in chosen:
-        polygons = polygons_path(root, r.split, r.stem)
+        polygons = layout.polygons_path(root, r.split, r.stem)
         shipped = {e: layout.mask_path(root, r.split, r.stem, e) for e in r.differing}
         masks = render(read_annotation(polygons), list(shipped), source=str(polygons))
         provided = {e: read_shipped(p, e) for e, p in shipped.items()}
@@ -178,3 +167,31 @@ def agreement_figure(path: str | Path, root: str | Path, results: Sequence[Image
                      {e: difference(masks[e], provided[e], shipped[e]) for e in shipped}))
     figure(path, rows)
     return True
+
+
+def masks_stage(root: str | Path, generated: str | Path, encodings: Sequence[str],
+                splits: Sequence[str], workers: int, worst: int, figure_images: int,
+                metrics: str | Path, plots: str | Path) -> dict[str, Any]:
+    """The masks stage: generate every mask, then write the agreement report.
+
+    Outputs: the masks under `generated`; `metrics` (counts and agreement per shipped encoding);
+    under `plots`, agreement.csv (per image), worst.json (the `worst` least agreeing images)
+    and agreement.png (`figure_images` of them; removed when there is nothing to compare, so
+    no stale figure of another run stays). Returns the metrics.
+    """
+    results = generate(root, generated, encodings, splits, workers)
+    report = summarize(results, encodings)
+    plots = Path(plots)
+    write_table(plots / "agreement.csv", results)
+    write_json(plots / "worst.json", worst_report(results, worst))
+    figure_path = plots / "agreement.png"
+    if not agreement_figure(figure_path, root, results, figure_images):
+        figure_path.unlink(missing_ok=True)
+    write_json(metrics, report)
+    if report["agreement"] is None:
+        log.info("no shipped masks (*%s) next to the polygons under %s: nothing to compare with",
+                 "|".join(layout.mask_suffix(e) for e in ENCODINGS), root)
+    else:
+        log.info("agreement with shipped masks: %s", ", ".join(
+            f"{e} {a['overall']:.6f}" for e, a in report["agreement"].items()))
+    return report

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fcn.errors import DataError
-from fcn.labels import CATEGORIES, EVAL_LABELS, ID_TO_LABEL, LABELS, MAX_ID, NUM_IDS
-from fcn.layout import mask_path, stem_of
+from fcn.cityscapes.labels import CATEGORIES, EVAL_LABELS, ID_TO_LABEL, LABELS, MAX_ID, NUM_IDS
+from fcn.cityscapes.layout import PREDICTION_PATTERN, mask_path, stem_of
 from fcn.metrics import class_scores
-from fcn.prefetch import read_ahead
-from fcn.pngread import read_png_array
+from fcn.threads import read_ahead
+from fcn.images import read_labels
 
 log = logging.getLogger(__name__)
 
@@ -336,25 +335,6 @@ def check_ids(array: np.ndarray, name: str, what: str) -> None:
                     f"{bad} (first at x={x}, y={y}); predictions must be label ids, not trainIds")
 
 
-def read_label_png(path: str | Path, what: str) -> np.ndarray:
-    """A single-channel label PNG as an integer array; bad files are a DataError naming them."""
-    path = Path(path)
-    try:
-        array, mode = read_png_array(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot read {what} as an image ({exc})") from None
-    if array.ndim != 2:
-        raise DataError(f"{path}: {what} has {array.shape[-1]} channels (mode {mode}); expected "
-                        "one channel of label ids")
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise DataError(f"{path}: {what} holds {array.dtype} values; expected integer label ids")
-    return array
-
-
 @dataclass(frozen=True)
 class EvalFiles:
     """One image's files: our/any prediction and its ground truth (instanceIds if scored)."""
@@ -384,9 +364,6 @@ def require_files(paths: Sequence[Path], what: str) -> None:
         raise DataError(f"{missing[0]}: {what} file not found{more}")
 
 
-_PREDICTION_NAME = re.compile(r"([^_]+_\d{6}_\d{6}).*\.png")
-
-
 def match_predictions(folder: str | Path, label_files: Sequence[Path]) -> list[Path]:
     """The prediction of each ground-truth file, found as the official script and server find
     it: exactly one `<city>_<seq>_<frame>*.png` anywhere under `folder`; none or several is an
@@ -396,7 +373,7 @@ def match_predictions(folder: str | Path, label_files: Sequence[Path]) -> list[P
         raise DataError(f"{folder}: prediction folder not found")
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.rglob("*.png")):
-        match = _PREDICTION_NAME.fullmatch(path.name)
+        match = PREDICTION_PATTERN.fullmatch(path.name)
         if match:
             found.setdefault(match.group(1), []).append(path)
     predictions = []
@@ -412,9 +389,9 @@ def match_predictions(folder: str | Path, label_files: Sequence[Path]) -> list[P
 
 
 def _load(files: EvalFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    prediction = read_label_png(files.prediction, "prediction")
-    labels = read_label_png(files.labels, "ground-truth labelIds")
-    instances = (read_label_png(files.instances, "ground-truth instanceIds")
+    prediction = read_labels(files.prediction, "prediction")
+    labels = read_labels(files.labels, "ground-truth labelIds")
+    instances = (read_labels(files.instances, "ground-truth instanceIds")
                  if files.instances is not None else None)
     return prediction, labels, instances
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn.errors import DataError
-from fcn.labels import label_for_polygon
+from fcn.cityscapes.labels import label_for_polygon
 
 
 @dataclass(frozen=True)

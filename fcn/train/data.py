@@ -4,10 +4,8 @@ Images come from `<root>/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`, mas
 `<generated>/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png`, paired by stem. Every pair
 is checked (mask present, same size) when the dataset is built, before any training starts.
 
-Decoding uses `torchvision.io.decode_png`: it returns the CHW uint8 tensor the transforms
-want, and measured faster than PIL (`Image.open` + `np.asarray` + permute) on this project's
-2-core CPU: 32 vs 49 ms for a 1024×2048 RGB PNG, about equal (1.0–1.4 ms) for the 128×256
-synthetic images (`python benchmarks/decode.py` repeats the measurement).
+Decoding uses `torchvision.io.decode_png` (`fcn.images.read_tensor`): it returns the CHW uint8
+tensor the transforms want, and measures faster than PIL + permute (`benchmarks/decode.py`).
 
 Augmentation is deterministic: each training sample is transformed under its own seed,
 derived from (train seed, epoch, dataset index) by `sample_seed`. The result does not depend
@@ -18,24 +16,22 @@ exactly the crops an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_png, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from fcn.cityscapes import layout
+from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
 from fcn.errors import DataError
-from fcn.labels import IGNORE_INDEX, NUM_CLASSES
+from fcn.images import read_size, read_tensor
 
-IMAGE_SUFFIX = "_leftImg8bit.png"
-MASK_SUFFIX = "_gtFine_labelTrainIds.png"
+MASK_ENCODING = "labelTrainIds"
 
 
 @dataclass(frozen=True)
@@ -45,36 +41,18 @@ class Pair:
 
     @property
     def stem(self) -> str:
-        return self.image.name.removesuffix(IMAGE_SUFFIX)
-
-
-def mask_path(generated: str | Path, split: str, city: str, stem: str) -> Path:
-    return Path(generated) / "gtFine" / split / city / f"{stem}{MASK_SUFFIX}"
-
-
-def _png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the PNG header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+        return layout.stem_of(self.image)
 
 
 def find_pairs(root: str | Path, generated: str | Path, split: str) -> list[Pair]:
     """Every image of `split` with its mask, sorted by path; each pair checked for presence
     and size, so a bad dataset fails here, before training, naming both files."""
-    image_dir = Path(root) / "leftImg8bit" / split
-    images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
-    if not images:
-        raise DataError(f"{image_dir}: no images (*{IMAGE_SUFFIX}) found")
     pairs = []
-    for image in images:
-        stem = image.name.removesuffix(IMAGE_SUFFIX)
-        mask = mask_path(generated, split, image.parent.name, stem)
+    for image in layout.list_images(root, split):
+        mask = layout.mask_path(generated, split, layout.stem_of(image), MASK_ENCODING)
         if not mask.is_file():
             raise DataError(f"{mask}: mask missing for image {image} (run the masks stage)")
-        image_size, mask_size = _png_size(image), _png_size(mask)
+        image_size, mask_size = read_size(image), read_size(mask, "mask")
         if image_size != mask_size:
             raise DataError(f"image {image} is {image_size[0]}x{image_size[1]} but its mask "
                             f"{mask} is {mask_size[0]}x{mask_size[1]} (width x height)")
@@ -82,24 +60,10 @@ def find_pairs(root: str | Path, generated: str | Path, split: str) -> list[Pair
     return pairs
 
 
-def decode(path: Path, mode: ImageReadMode) -> torch.Tensor:
-    """uint8[C, H, W] of a PNG file; an unreadable file is a DataError naming it.
-
-    torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, which is not a
-    dependency here; the warning is silenced at this one call until we switch.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-            return decode_png(read_file(str(path)), mode=mode)
-    except (RuntimeError, OSError) as exc:
-        raise DataError(f"{path}: cannot decode PNG ({exc})") from None
-
-
 def load_pair(pair: Pair) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """The image (uint8[3, H, W]) and its trainId mask (uint8[1, H, W]), checked."""
-    image = decode(pair.image, ImageReadMode.RGB)
-    mask = decode(pair.mask, ImageReadMode.GRAY)
+    image = read_tensor(pair.image, 3)
+    mask = read_tensor(pair.mask, 1, "mask")
     if image.shape[-2:] != mask.shape[-2:]:
         raise DataError(f"image {pair.image} is {tuple(image.shape[-2:])} but its mask "
                         f"{pair.mask} is {tuple(mask.shape[-2:])} (height, width)")

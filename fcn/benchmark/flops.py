@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcn.labels import NUM_CLASSES
+from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.model import STRIDE, FCN8s
 from fcn.params import ModelParams
 

@@ -7,7 +7,6 @@ per-batch scores; losses are summed with their weights and divided once at the e
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterable
@@ -17,9 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fcn.distributed import Context, all_reduce_sum, any_rank
+from fcn.device import autocast
+from fcn.train.distributed import Context, all_reduce_sum, any_rank
 from fcn.errors import FcnError
-from fcn.labels import IGNORE_INDEX, NUM_CLASSES
+from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
 from fcn.metrics import confusion_matrix
 from fcn.params import TrainParams
 
@@ -72,15 +72,6 @@ def build_criterion(params: TrainParams, device: torch.device) -> nn.CrossEntrop
     return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; CPU always computes in fp32 (reproducible, and this
-    project's CPUs have no fast bf16)."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _progress(iterable: Iterable, context: Context, desc: str, total: int) -> Iterable:
     return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False,
                 disable=not context.is_main)
@@ -126,7 +117,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, criterion: nn.CrossEntropyLoss,
+def validate(model: nn.Module, loader: Iterable, criterion: nn.CrossEntropyLoss,
              context: Context, precision: str, num_classes: int = NUM_CLASSES,
              desc: str = "val") -> PassResult:
     """Whole-image validation: the loss is the (class-weighted) mean over every labelled

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fcn.atomic import atomic_dir, atomic_path
+from fcn.cityscapes.labels import TRAINID_TO_ID
+from fcn.cityscapes.layout import list_images, stem_of, submission_name
 from fcn.errors import DataError
-from fcn.inference import Predictor, predict_stream, read_image
-from fcn.io import atomic_dir, atomic_path, write_bytes
-from fcn.labels import TRAINID_TO_ID
-from fcn.layout import IMAGE_SUFFIX, city_of, list_images, stem_of
-from fcn.params import ExportParams
-from fcn.png import encode_png
-from fcn.prefetch import WriteBehind
-from fcn.visualize import blend, colorize, resize_to_width, spread, write_gif, write_png
+from fcn.images import read_rgb, write_label_png, write_png
+from fcn.params import ExportParams, ModelParams
+from fcn.predict.predictor import Predictor, predict_stream
+from fcn.predict.visualize import blend, colorize, resize_to_width, spread, write_gif
+from fcn.threads import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +59,24 @@ class ExportPaths:
         return self.root / "val_predictions.gif"
 
 
-def write_label_png(path: str | Path, label_ids: np.ndarray) -> None:
-    """A uint8 label-id PNG through fcn.png (Up filter, fast deflate): written several times
-    faster than PIL's encoder and read back fast by fcn.pngread; any PNG reader opens it."""
-    write_bytes(path, encode_png(np.ascontiguousarray(label_ids, dtype=np.uint8)))
-
-
-def submission_name(stem: str) -> str:
-    """`<city>/<stem>_leftImg8bit.png`: where an image's prediction lives, in folder and zip."""
-    return f"{city_of(stem)}/{stem}{IMAGE_SUFFIX}"
-
-
 def _load(path: Path) -> tuple[np.ndarray, None]:
-    return read_image(path), None
+    return read_rgb(path), None
+
+
+def export_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
+                 params: ExportParams, paths: ExportPaths) -> int:
+    """The export stage: the split's server-ready predictions, zip and overlays, and the val
+    GIF; returns the number of images exported."""
+    predictor = Predictor.from_params(checkpoint, model, params)
+    count = export_split(predictor, root, paths, params)
+    export_gif(predictor, root, paths.gif, params)
+    return count
+
+
+def predict_folder_stage(checkpoint: str | Path, model: ModelParams, params: ExportParams,
+                         images: str | Path, out: str | Path) -> int:
+    """`stages/export.py --images`: predict every image under `images` into `out`."""
+    return predict_folder(Predictor.from_params(checkpoint, model, params), images, out, params)
 
 
 def export_split(predictor: Predictor, data_root: str | Path, paths: ExportPaths,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn.io import atomic_path
-from fcn.labels import CLASS_NAMES, ID_TO_TRAINID, TRAINID_TO_COLOR
+from fcn.atomic import atomic_path
+from fcn.cityscapes.labels import CLASS_NAMES, ID_TO_TRAINID, TRAINID_TO_COLOR
 
 
 def spread(count: int, k: int) -> list[int]:
@@ -70,11 +70,6 @@ def sample_panel(image: np.ndarray, ground_truth_ids: np.ndarray, prediction: np
         resize_to_width(colorize_label_ids(ground_truth_ids), width, labels=True),
         resize_to_width(colorize(prediction), width, labels=True),
     ])
-
-
-def write_png(path: str | Path, array: np.ndarray, compress_level: int = 6) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, compress_level=compress_level)
 
 
 def write_gif(path: str | Path, frames: Sequence[np.ndarray], ms_per_frame: int) -> None:

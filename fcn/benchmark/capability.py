@@ -1,0 +1,135 @@
+"""What the device can do: its dense matmul rate, which precisions it runs natively, TF32
+switches, and the environment the figures were measured in.
+
+Utilisation = achieved FLOP/s ÷ the device's dense matmul FLOP/s, measured in the same process
+at the same precision (`matmul_rate`). A precision the device has no kernels for is reported as
+skipped with the reason (`precision_support`), never run for minutes or faked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from fcn.benchmark.plan import Protocol
+from fcn.device import DTYPES, synchronize
+
+MATMUL_REPS = {"cpu": 4, "cuda": 20}
+"""Timed products per matmul-rate figure; the best counts."""
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    """Best dense n×n matmul rate in FLOP/s over `reps` timed products (one warm-up first)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(precision: str) -> tuple[float, float]:
+    """CPU matmul FLOP/s at fp32 and at `precision` (512×512: a fraction of a second even on
+    reference kernels)."""
+    cpu = torch.device("cpu")
+    return matmul_rate(cpu, torch.float32, 512, 5), matmul_rate(cpu, DTYPES[precision], 512, 1)
+
+
+def precision_support(device: torch.device, precision: str) -> str | None:
+    """None when `device` runs `precision` natively, else the reason it is skipped.
+
+    CPU low precision is decided by oneDNN's own capability check (bf16 needs AVX512-BF16 or
+    AMX, fp16 AVX512-FP16 or AMX-FP16): without them PyTorch falls back to reference kernels
+    tens to hundreds of times slower than fp32, and a small probe matmul shows by how much.
+    """
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if precision == "tf32" and major < 8:
+            return f"TF32 needs compute capability >= 8.0; {name} is {major}.{minor}"
+        if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return f"{name} (compute capability {major}.{minor}) has no native bf16"
+        if precision == "fp16" and (major, minor) < (5, 3):
+            return f"{name} (compute capability {major}.{minor}) has no native fp16"
+        return None
+    if precision == "tf32":
+        return "TF32 is a CUDA tensor-core math mode; this device is a CPU"
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
+    native = getattr(torch.ops.mkldnn, check, None)
+    fp32, low = _probe(precision)
+    probe = (f"probe 512x512 matmul: {precision} {low / 1e9:.1f} GFLOP/s vs fp32 "
+             f"{fp32 / 1e9:.1f} GFLOP/s")
+    if native is not None and native():
+        return None
+    if native is None and low >= fp32 / 2:
+        return None  # no capability check in this torch: trust a probe that is not slow
+    return (f"no native {precision} kernels on this CPU ({torch.backends.cpu.get_cpu_capability()}"
+            f", oneDNN {check[4:]} = False); {probe}")
+
+
+def set_tf32(enabled: bool) -> tuple[bool, bool]:
+    """Allow/forbid TF32 for CUDA matmuls and cuDNN convolutions; the flags now in force."""
+    mode = "tf32" if enabled else "ieee"
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = mode
+        conv.fp32_precision = mode
+        return matmul.fp32_precision == "tf32", conv.fp32_precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def environment(device: torch.device, protocol: Protocol) -> dict[str, Any]:
+    """What the figures were measured on and with."""
+    env: dict[str, Any] = {
+        "device": device.type, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "python": platform.python_version(), "threads": protocol.threads,
+        "interop_threads": torch.get_num_interop_threads(), "cores": os.cpu_count(),
+        "load_average_start": None, "load_average_end": load_average(),
+        "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "cuda": torch.version.cuda, "cudnn": None, "cudnn_benchmark": None,
+        "tf32": "off except in tf32 configurations (per-configuration flags recorded)",
+        "device_name": _cpu_name(), "compute_capability": None, "device_memory_gb": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                   device_memory_gb=round(props.total_memory / 2**30, 1),
+                   cudnn=torch.backends.cudnn.version(), cudnn_benchmark=protocol.cudnn_benchmark)
+    else:
+        env["tf32"] = "n/a (CPU)"
+    return env
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load: other work on the machine makes CPU figures noisy; this says how much."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(v, 2) for v in os.getloadavg()]
+    return None
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -1,0 +1,76 @@
+"""What the benchmark measures: the protocol and the configurations a profile asks for.
+
+Protocol (mmsegmentation's, made explicit): whole images, warm-up calls first, then timed calls
+of the model's forward pass (logits; no data loading, no argmax), synchronising the device
+before reading the clock (CUDA events; `perf_counter` on CPU). Each configuration runs in a
+fresh spawned process (`fcn.benchmark.worker`), so one configuration's caches, compiled graphs,
+allocator state or crash cannot colour another's figures.
+
+A configuration is precision × channels-last × torch.compile × batch size. Precisions: `fp32`
+is strict fp32 (TF32 off) and is the reference for agreement; `tf32` is fp32 storage with TF32
+tensor-core math (CUDA ≥ sm80); `bf16`/`fp16` run under autocast, as
+`fcn.predict.predictor.Predictor` runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fcn.device import resolve_device
+from fcn.params import BenchmarkParams
+
+MATMUL_N = {"cpu": 2048, "cuda": 8192}
+"""Default square matmul size for the device's dense rate: large enough to reach the plateau."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured combination."""
+
+    precision: str
+    channels_last: bool
+    compile: bool
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        layout = "cl" if self.channels_last else "nchw"
+        mode = "compiled" if self.compile else "eager"
+        return f"{self.precision}-{layout}-{mode}-b{self.batch_size}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How every configuration is measured (what the profile resolves to)."""
+
+    profile: str
+    device: str
+    height: int
+    width: int
+    warmup: int
+    iters: int
+    seed: int
+    cudnn_benchmark: bool
+    threads: int
+    matmul_size: int
+
+
+def plan(params: BenchmarkParams) -> tuple[Protocol, list[Config]]:
+    """The protocol and the configurations `params` ask for (the profile picks quick_*/full_*)."""
+    quick = params.profile == "quick"
+    device = resolve_device(params.device, setting="benchmark.device")
+    protocol = Protocol(
+        profile=params.profile, device=device.type,
+        height=params.height, width=params.width,
+        warmup=params.quick_warmup if quick else params.full_warmup,
+        iters=params.quick_iters if quick else params.full_iters,
+        seed=params.seed, cudnn_benchmark=params.cudnn_benchmark,
+        threads=params.threads or torch.get_num_threads(),
+        matmul_size=params.matmul_size or MATMUL_N[device.type])
+    batch_sizes = params.quick_batch_sizes if quick else params.full_batch_sizes
+    compiles = params.quick_compile if quick else params.full_compile
+    configs = [Config(p, cl, c, b) for p in params.precisions for cl in params.channels_last
+               for c in compiles for b in batch_sizes]
+    return protocol, configs

@@ -1,0 +1,244 @@
+"""The benchmark run: every configuration measured in its own process, assembled into the
+results (environment, protocol, FLOPs, one `ConfigResult` per configuration) and the fast path:
+the fastest configuration whose predictions agree with fp32.
+
+See `fcn.benchmark.plan` for the protocol, `.worker` for how one configuration is timed and
+its memory measured, `.capability` for the matmul rate behind the utilisation figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fcn.benchmark.capability import MATMUL_REPS, load_average, environment, precision_support
+from fcn.benchmark.flops import analytic_flops, counted_flops
+from fcn.benchmark.inputs import benchmark_images, load_weights
+from fcn.benchmark.plan import Config, Protocol, plan
+from fcn.benchmark.worker import Job, run_isolated
+from fcn.cityscapes.labels import NUM_CLASSES
+from fcn.model import FCN8s
+from fcn.params import BenchmarkParams, ModelParams
+
+log = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.999
+"""Argmax agreement with fp32 that a configuration needs to be the fast path."""
+
+
+@dataclass
+class ConfigResult:
+    """One configuration's entry in metrics/benchmark_details.json (None = n/a)."""
+
+    name: str
+    precision: str
+    channels_last: bool
+    compile: bool
+    batch_size: int
+    status: str | None = None
+    reason: str | None = None
+    warmup: int | None = None
+    iters: int | None = None
+    latency_ms_median: float | None = None
+    latency_ms_p90: float | None = None
+    latency_ms_min: float | None = None
+    throughput_ips: float | None = None
+    throughput_ips_load_corrected: float | None = None
+    first_call_s: float | None = None
+    compile_s: float | None = None
+    peak_memory_mb: float | None = None
+    peak_allocated_mb: float | None = None
+    peak_reserved_mb: float | None = None
+    rss_baseline_mb: float | None = None
+    peak_rss_growth_mb: float | None = None
+    memory_method: str | None = None
+    flops_per_image: int | None = None
+    achieved_tflops: float | None = None
+    matmul_tflops: float | None = None
+    utilisation: float | None = None
+    agreement: float | None = None
+    tf32_matmul: bool | None = None
+    tf32_cudnn: bool | None = None
+
+    @classmethod
+    def planned(cls, config: Config, protocol: Protocol) -> ConfigResult:
+        return cls(name=config.name, precision=config.precision,
+                   channels_last=config.channels_last, compile=config.compile,
+                   batch_size=config.batch_size, warmup=protocol.warmup, iters=protocol.iters)
+
+    def fill(self, raw: dict[str, Any], flops_per_image: int) -> None:
+        """Turn a worker's raw measurements into the reported figures."""
+        latencies = raw["latencies_s"]
+        median = statistics.median(latencies)
+        achieved = flops_per_image * self.batch_size / median
+        self.status = "ok"
+        self.latency_ms_median = median * 1e3
+        self.latency_ms_p90 = _percentile(latencies, 90) * 1e3
+        self.latency_ms_min = min(latencies) * 1e3
+        self.throughput_ips = self.batch_size / median
+        self.first_call_s = raw["first_call_s"]
+        self.compile_s = max(0.0, raw["first_call_s"] - median) if self.compile else None
+        self.peak_allocated_mb = raw.get("peak_allocated_mb")
+        self.peak_reserved_mb = raw.get("peak_reserved_mb")
+        self.rss_baseline_mb = raw.get("rss_baseline_mb")
+        self.peak_rss_growth_mb = raw.get("peak_rss_growth_mb")
+        self.memory_method = raw["memory_method"]
+        self.flops_per_image = flops_per_image
+        self.achieved_tflops = achieved / 1e12
+        self.matmul_tflops = raw["matmul_flops"] / 1e12
+        self.utilisation = achieved / raw["matmul_flops"]
+        self.tf32_matmul = raw["tf32_matmul"]
+        self.tf32_cudnn = raw["tf32_cudnn"]
+        self.peak_memory_mb = (self.peak_allocated_mb if self.peak_allocated_mb is not None
+                               else self.peak_rss_growth_mb)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ConfigResult))
+"""Every configuration's entry in metrics/benchmark_details.json has exactly these keys."""
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of a short list."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
+                  progress: bool = True) -> dict[str, Any]:
+    """Measure every configuration `params` asks for; the JSON-ready results.
+
+    Configurations the device cannot run are entries with status 'skipped' and a reason; a
+    configuration that fails (out of memory, compiler error) is skipped with the error.
+    """
+    load_start = load_average()
+    protocol, configs = plan(params)
+    device = torch.device(protocol.device)
+    flops = counted_flops(model_params, protocol.height, protocol.width)
+    with torch.device("meta"):
+        meta_model = FCN8s(model_params.backbone, NUM_CLASSES, model_params.fc67,
+                           model_params.fc_channels)
+    analytic = analytic_flops(meta_model, protocol.height, protocol.width)
+    log.info("FCN8s/%s at %dx%d: %.1f GFLOPs per image counted, %.1f analytic",
+             model_params.backbone, protocol.height, protocol.width, flops / 1e9,
+             analytic.flops / 1e9)
+
+    # Agreement reference: fp32, eager, smallest batch, the first layout asked for (so a run
+    # of channels_last only needs no extra reference run).
+    reference = Config("fp32", params.channels_last[0], False, min(c.batch_size for c in configs))
+    entries = {c.name: ConfigResult.planned(c, protocol) for c in configs}
+    predictions: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="fcn-benchmark-") as tmp:
+        images = benchmark_images(max(c.batch_size for c in configs), protocol.height,
+                                  protocol.width, protocol.seed)
+        images_path, state_path = Path(tmp) / "images.npy", Path(tmp) / "state.pt"
+        np.save(images_path, images)
+        torch.save(load_weights(params, model_params, images[0]).state_dict(), state_path)
+        del images
+        todo = sorted(configs, key=lambda c: c != reference)  # the reference first
+        if reference not in configs:
+            todo.insert(0, reference)
+        for config in tqdm(todo, desc="benchmark", unit="config", disable=not progress):
+            entry = entries.get(config.name)
+            reason = precision_support(device, config.precision)
+            if reason is None:
+                job = Job(config, protocol, model_params, str(state_path), str(images_path))
+                try:
+                    raw = run_isolated(job)
+                except Exception as exc:  # noqa: BLE001 - any failure skips just this config
+                    reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                else:
+                    predictions[config.name] = raw.pop("prediction")
+                    if entry is not None:
+                        entry.fill(raw, flops)
+            if entry is None:
+                continue
+            if reason is not None:
+                entry.status, entry.reason = "skipped", reason
+                log.warning("%s skipped: %s", config.name, reason)
+            else:
+                log.info("%s: median %.1f ms, p90 %.1f ms, %.2f images/s, peak %.0f MB, "
+                         "%.2f TFLOP/s = %.0f%% of matmul", config.name,
+                         entry.latency_ms_median, entry.latency_ms_p90, entry.throughput_ips,
+                         entry.peak_memory_mb, entry.achieved_tflops, 100 * entry.utilisation)
+    ref = predictions.get(reference.name)
+    for name, prediction in predictions.items():
+        if name in entries and ref is not None:
+            entries[name].agreement = float((prediction == ref).mean())
+    _correct_for_load(entries)
+
+    results: dict[str, Any] = {
+        "environment": environment(device, protocol),
+        "protocol": {**dataclasses.asdict(protocol), "weights": params.weights,
+                     "timed": "model forward (logits) on an input already on the device",
+                     "matmul_reps": MATMUL_REPS[device.type],
+                     "matmul_rate": ("best of the rates before and after the model runs"
+                                     if device.type == "cuda" else "median of the rates before, "
+                                     "after each timed call, and at the end"),
+                     "agreement_reference": reference.name, "min_agreement": MIN_AGREEMENT},
+        "model": {"backbone": model_params.backbone, "fc67": model_params.fc67,
+                  "flops_counted": flops, "flops_analytic": analytic.flops,
+                  "macs_analytic": analytic.macs, "other_ops_analytic": analytic.other_ops,
+                  "counted_over_analytic": flops / analytic.flops},
+        "configs": {name: dataclasses.asdict(entry) for name, entry in entries.items()},
+    }
+    results["environment"]["load_average_start"] = load_start
+    results["fast_path"] = _summary(fastest_config(results))
+    results["fast_path_eager"] = _summary(fastest_config(results, allow_compile=False))
+    return results
+
+
+def _correct_for_load(entries: dict[str, ConfigResult]) -> None:
+    """images/s scaled to the least loaded moment of the run: × (best matmul rate seen at that
+    precision / the rate measured alongside this configuration). On a dedicated GPU the factor
+    is ~1; on a shared CPU it keeps other jobs' load from deciding the ranking (observed here:
+    the same configuration's latency varying 2× with the machine's load, its matmul alike)."""
+    best: dict[str, float] = {}
+    for entry in entries.values():
+        if entry.status == "ok":
+            best[entry.precision] = max(best.get(entry.precision, 0.0), entry.matmul_tflops)
+    for entry in entries.values():
+        if entry.status == "ok":
+            entry.throughput_ips_load_corrected = (
+                entry.throughput_ips * best[entry.precision] / entry.matmul_tflops)
+
+
+def fastest_config(results: dict[str, Any], min_agreement: float = MIN_AGREEMENT,
+                   allow_compile: bool = True) -> dict[str, Any] | None:
+    """The measured configuration with the most images/s (load-corrected where known) whose
+    argmax predictions agree with fp32 on at least `min_agreement` of the pixels; None when
+    none qualifies.
+
+    allow_compile=False restricts the choice to eager configurations (what
+    fcn.predict.predictor.Predictor can run today).
+    """
+    eligible = [entry for entry in results["configs"].values()
+                if entry["status"] == "ok" and entry["agreement"] is not None
+                and entry["agreement"] >= min_agreement and (allow_compile or not entry["compile"])]
+
+    def speed(entry: dict[str, Any]) -> float:
+        corrected = entry.get("throughput_ips_load_corrected")
+        return entry["throughput_ips"] if corrected is None else corrected
+
+    return max(eligible, key=speed, default=None)
+
+
+def _summary(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    keys = ("name", "precision", "channels_last", "compile", "batch_size", "latency_ms_median",
+            "throughput_ips", "throughput_ips_load_corrected", "peak_memory_mb", "agreement")
+    return {key: entry[key] for key in keys}
+
+
+def iter_ok(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The configurations that were measured (not skipped), in run order."""
+    return (e for e in results["configs"].values() if e["status"] == "ok")

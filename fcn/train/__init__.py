@@ -1,0 +1,1 @@
+"""The train stage: data and augmentation, the epoch loop, multi-process plumbing, the run."""

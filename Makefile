@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make repro   – create/reuse .venv, install the project, run the whole DVC pipeline
 #   make test    – create/reuse .venv, install the project with test extras, run the tests
+#   make docs    – regenerate the docs' figures and parameter reference from committed files
 # VENV=/path reuses a virtual environment elsewhere.
 
 VENV ?= .venv
@@ -9,7 +10,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
 
-.PHONY: install repro test clean browser
+.PHONY: install repro test docs clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +35,9 @@ browser:
 
 test: install browser
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+docs: install
+	$(PY) docs/generate.py
 
 clean:
 	rm -rf dvc_plots .pytest_cache

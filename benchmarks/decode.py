@@ -6,7 +6,7 @@ Decodes the synthetic train images and a 1024x2048 RGB PNG (the real Cityscapes 
 content written to a temporary file) into a uint8 CHW tensor, the form the transforms take:
 PIL as `Image.open` + `convert("RGB")` + `torch.from_numpy(np.asarray(...)).permute`,
 torchvision as `decode_png(read_file(path))`. Rounds interleave; the best counts. Both
-results are checked equal. fcn.train.data uses the faster one (see its docstring).
+results are checked equal. fcn.images.read_tensor (the train loader) uses the faster one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""params.yaml → typed, validated objects.
+"""params.yaml → typed, validated objects, and the JSON Schema editors check params.yaml with.
 
-Every section is a frozen dataclass; each field carries its constraints in `metadata`.
-`load_params` checks the whole file before any stage does work and reports every problem in
-one message (unknown keys, missing sections, wrong types, out-of-range values).
+Every section is a frozen dataclass; each field carries its default, numeric range and help in
+`metadata`. `load_params` checks the whole file before any stage does work and reports every
+problem in one message (unknown keys, missing sections, wrong types, out-of-range values,
+constraints between fields). `json_schema()` states the same single-field rules as JSON Schema
+(params.schema.json, generated from these classes and tested to be current); the constraints
+between fields are the loader's alone.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fcn.cityscapes.layout import ENCODINGS, SPLITS
 from fcn.errors import ParamsError
 
 PARAMS_FILE = "params.yaml"
+SCHEMA_FILE = "params.schema.json"
 
 
 def _p(default: Any, *, ge: float | None = None, gt: float | None = None,
@@ -58,54 +62,55 @@ class DataParams:
 
 @dataclass(frozen=True)
 class SynthesizeParams:
-    seed: int = _p(0, ge=0)
-    height: int = _p(128, ge=32, le=1024)
-    width: int = _p(256, ge=32, le=2048)
-    train_cities: list[str] = _p(["aachen", "bochum", "bremen", "cologne"])
-    val_cities: list[str] = _p(["frankfurt", "lindau", "munster"])
-    test_cities: list[str] = _p(["berlin", "bielefeld"])
-    train_per_city: int = _p(24, ge=1)
-    val_per_city: int = _p(6, ge=1)
-    test_per_city: int = _p(4, ge=1)
+    seed: int = _p(0, ge=0, help="seed of every image and annotation (same seed: byte-identical data)")
+    height: int = _p(128, ge=32, le=1024, help="image height in pixels (Cityscapes: 1024)")
+    width: int = _p(256, ge=32, le=2048, help="image width in pixels (Cityscapes: 2048)")
+    train_cities: list[str] = _p(["aachen", "bochum", "bremen", "cologne"],
+                                 help="cities of the train split (lowercase letters, digits)")
+    val_cities: list[str] = _p(["frankfurt", "lindau", "munster"], help="cities of the val split")
+    test_cities: list[str] = _p(["berlin", "bielefeld"], help="cities of the test split")
+    train_per_city: int = _p(24, ge=1, help="train images per city")
+    val_per_city: int = _p(6, ge=1, help="val images per city")
+    test_per_city: int = _p(4, ge=1, help="test images per city (annotations withheld)")
 
 
 @dataclass(frozen=True)
 class MasksParams:
-    encodings: list[Encoding] = _p(list(ENCODINGS))
+    encodings: list[Encoding] = _p(list(ENCODINGS), help="mask encodings to write")
     workers: int = _p(2, ge=1, help="worker processes")
-    splits: list[Split] = _p(list(SPLITS))
+    splits: list[Split] = _p(list(SPLITS), help="splits whose annotations are rendered")
     worst: int = _p(10, ge=0, help="images listed in plots/masks/worst.json")
     figure_images: int = _p(3, ge=0, help="images shown as provided | generated | difference")
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    backbone: Backbone = _p("vgg11_bn")
+    backbone: Backbone = _p("vgg11_bn", help="torchvision VGG whose features FCN8s builds on")
     weights: str = _p("none", help="'none', 'imagenet' or a path to a backbone state dict")
     fc67: bool = _p(False, help="fc6/fc7 as convolutions (adds ~245 GMACs at 1024x2048)")
-    fc_channels: int = _p(4096, ge=1)
+    fc_channels: int = _p(4096, ge=1, help="width of fc6/fc7 (when fc67 is true)")
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    seed: int = _p(0, ge=0)
-    epochs: int = _p(12, ge=1)
+    seed: int = _p(0, ge=0, help="initial weights, shuffling and augmentation")
+    epochs: int = _p(12, ge=1, help="passes over the train split")
     batch_size: int = _p(8, ge=1, help="training crops per step and per process")
-    optimizer: Literal["sgd", "adamw"] = _p("adamw")
+    optimizer: Literal["sgd", "adamw"] = _p("adamw", help="SGD with momentum, or AdamW")
     lr: float = _p(2e-3, gt=0, help="peak learning rate (poly decay per iteration)")
-    momentum: float = _p(0.9, ge=0, lt=1)
-    weight_decay: float = _p(1e-4, ge=0)
-    poly_power: float = _p(0.9, ge=0)
+    momentum: float = _p(0.9, ge=0, lt=1, help="SGD momentum (sgd only)")
+    weight_decay: float = _p(1e-4, ge=0, help="on weights only, not on biases and BN")
+    poly_power: float = _p(0.9, ge=0, help="exponent of the poly LR decay (0 = constant)")
     warmup_iters: int = _p(0, ge=0, help="linear LR warm-up iterations")
     crop: list[int] = _p([128, 128], help="[height, width] of training crops")
     scale: list[float] = _p([0.75, 1.5], help="[min, max] random rescale factor")
-    flip: bool = _p(True)
+    flip: bool = _p(True, help="random horizontal flips")
     jitter: float = _p(0.2, ge=0, le=1, help="photometric jitter strength (0 = off)")
     class_weights: list[float] | None = _p(None, help=f"{NUM_CLASSES} weights, or null")
     precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
     workers: int = _p(0, ge=0, help="DataLoader worker processes")
     nproc: int = _p(1, ge=1, help="processes for torchrun/DDP (the stage launches them)")
-    device: Device = _p("auto")
+    device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     out: str = _p("models", help="checkpoint folder (persisted across runs)")
 
 
@@ -118,7 +123,7 @@ class InferenceParams:
     flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
     precision: Precision = _p("fp16", help="autocast dtype on CUDA; CPU always runs fp32")
     channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
-    device: Device = _p("auto")
+    device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     workers: int = _p(2, ge=1, help="threads reading images ahead of the model and writing "
                       "its outputs")
 
@@ -136,23 +141,23 @@ class ExportParams(InferenceParams):
     overlays: int = _p(4, ge=0, help="test images saved as color overlays")
     overlay_alpha: float = _p(0.5, ge=0, le=1, help="weight of the prediction colors")
     gif_frames: int = _p(8, ge=0, help="val images in the animated GIF (0 = no GIF)")
-    gif_width: int = _p(512, ge=32)
-    gif_ms_per_frame: int = _p(500, ge=10)
-    out: str = _p("predictions")
+    gif_width: int = _p(512, ge=32, help="GIF frame width in pixels")
+    gif_ms_per_frame: int = _p(500, ge=10, help="GIF frame duration")
+    out: str = _p("predictions", help="export folder (test predictions, zip, overlays, GIF)")
 
 
 @dataclass(frozen=True)
 class BenchmarkParams:
     profile: Literal["quick", "full"] = _p(
         "quick", help="quick: the CPU-budget run (quick_*); full: the thorough GPU run (full_*)")
-    device: Device = _p("auto")
+    device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     height: int = _p(1024, ge=32, help="image height (Cityscapes: 1024)")
     width: int = _p(2048, ge=32, help="image width (Cityscapes: 2048)")
     precisions: list[BenchmarkPrecision] = _p(
         list(BENCHMARK_PRECISIONS),
         help="fp32 strict (the reference), tf32 (CUDA tensor cores), bf16/fp16 autocast; "
              "ones the device lacks are reported as skipped")
-    channels_last: list[bool] = _p([False, True])
+    channels_last: list[bool] = _p([False, True], help="memory layouts to measure")
     weights: str = _p("trained_like", help="'trained_like' (seeded random backbone, BN "
                       "calibrated, random score layers) or a training checkpoint path")
     seed: int = _p(0, ge=0, help="weights and benchmark images")
@@ -160,14 +165,14 @@ class BenchmarkParams:
     threads: int = _p(0, ge=0, help="CPU threads for PyTorch (0 = its default: one per core)")
     matmul_size: int = _p(0, ge=0, help="n of the n×n matmul giving the device's dense rate "
                           "(0 = 2048 on CPU, 8192 on CUDA)")
-    quick_batch_sizes: list[int] = _p([1])
-    quick_warmup: int = _p(1, ge=1)
-    quick_iters: int = _p(2, ge=1)
-    quick_compile: list[bool] = _p([False])
-    full_batch_sizes: list[int] = _p([1, 2, 4])
-    full_warmup: int = _p(10, ge=1)
-    full_iters: int = _p(50, ge=1)
-    full_compile: list[bool] = _p([False, True])
+    quick_batch_sizes: list[int] = _p([1], help="profile quick: images per forward pass")
+    quick_warmup: int = _p(1, ge=1, help="profile quick: untimed calls first")
+    quick_iters: int = _p(2, ge=1, help="profile quick: timed calls")
+    quick_compile: list[bool] = _p([False], help="profile quick: eager and/or torch.compile")
+    full_batch_sizes: list[int] = _p([1, 2, 4], help="profile full: images per forward pass")
+    full_warmup: int = _p(10, ge=1, help="profile full: untimed calls first")
+    full_iters: int = _p(50, ge=1, help="profile full: timed calls")
+    full_compile: list[bool] = _p([False, True], help="profile full: eager and/or torch.compile")
 
 
 @dataclass(frozen=True)
@@ -182,14 +187,14 @@ class Params:
     benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
@@ -242,7 +247,7 @@ def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
             continue
         value, tp = raw[key], hints[key]
         if not _matches(value, tp):
-            problems.append(f"{name}.{key}: expected {_type_name(tp)}, got {value!r}")
+            problems.append(f"{name}.{key}: expected {type_name(tp)}, got {value!r}")
             continue
         problem = _range_problem(value, f.metadata)
         if problem:
@@ -347,3 +352,51 @@ def sections_dict(params: Params, *names: str) -> dict[str, dict[str, Any]]:
 def default_params_dict() -> dict[str, Any]:
     """The defaults as plain data (what a fresh params.yaml holds)."""
     return dataclasses.asdict(Params())
+
+
+def _schema_of(tp: Any) -> dict[str, Any]:
+    """The JSON Schema of one field type (the types `_matches` accepts, the same way)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_schema_of(a) for a in typing.get_args(tp)]}
+    if origin is list:
+        return {"type": "array", "items": _schema_of(typing.get_args(tp)[0])}
+    return {int: {"type": "integer"}, float: {"type": "number"}, bool: {"type": "boolean"},
+            str: {"type": "string"}, type(None): {"type": "null"}}[tp]
+
+
+def _with_range(schema: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    bounds = {key: meta[key] for key in ("ge", "gt", "le", "lt") if meta.get(key) is not None}
+    if not bounds:
+        return schema
+    if schema.get("type") == "array":
+        return {**schema, "items": _with_range(schema["items"], meta)}
+    if "anyOf" in schema:
+        return {"anyOf": [_with_range(s, meta) for s in schema["anyOf"]]}
+    names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    return {**schema, **{names[key]: value for key, value in bounds.items()}}
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of params.yaml: every section required, no unknown keys."""
+    defaults = default_params_dict()
+    sections = {}
+    for section in dataclasses.fields(Params):
+        cls = typing.get_type_hints(Params)[section.name]
+        hints = typing.get_type_hints(cls)
+        properties = {}
+        for f in dataclasses.fields(cls):
+            schema = _with_range(_schema_of(hints[f.name]), f.metadata)
+            if f.metadata.get("help"):
+                schema = {"description": f.metadata["help"], **schema}
+            properties[f.name] = {**schema, "default": defaults[section.name][f.name]}
+        sections[section.name] = {"type": "object", "additionalProperties": False,
+                                  "properties": properties}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "params.yaml of the FCN8s Cityscapes pipeline",
+            "description": "Generated from fcn/params.py by docs/generate.py;"
+                           " constraints between fields are checked by fcn.params.load_params.",
+            "type": "object", "additionalProperties": False,
+            "required": list(sections), "properties": sections}

@@ -1,27 +1,20 @@
 """The PNG codec for label masks: a fast encoder and a fast reader (PIL for everything else).
 
-## Writing
+Writing: PIL's encoder tries every PNG filter on every row and deflates with zlib at level 6,
+which for a full-size image's four masks costs more than everything else the masks stage does.
+Label masks are large flat regions, so one fixed filter does well: 'Up' (each byte minus the
+byte above it) turns everything but the pixels just below a boundary into zeros, and ISA-L
+(`isal`, level 1) deflates that many times faster than zlib, for files somewhat larger than
+PIL's. The output is a standard PNG (one IDAT) that any reader opens, PIL and therefore
+cityscapesScripts included; tests read each kind back and compare arrays.
 
-Why not PIL's encoder: it tries the PNG filters on every row and deflates with zlib at level
-6, so writing the four masks of a 1024x2048 image takes ~240 ms, several times everything else
-the masks stage does. Label masks are large flat regions, so one fixed filter does well: 'Up'
-(each byte minus the byte above it) turns everything but the pixels just below a boundary into
-zeros. The deflate stream comes from ISA-L (`isal`, level 1), which compresses such data at
-GB/s where zlib manages a few hundred MB/s. Measured on realistic 1024x2048 masks (150
-polygons): 8 ms instead of 241 ms for the four masks, 297 kB instead of 214 kB. The output is
-a standard PNG (one IDAT) that any reader opens, PIL and therefore cityscapesScripts
-included; tests read each kind back and compare arrays.
-
-## Reading
-
-Why: evaluating a 1024x2048 image reads three PNGs (prediction, labelIds, instanceIds), and
-with PIL that decoding alone costs as much as scoring them: its zlib inflate and per-row
-decoding take ~10 ms per 8-bit mask, ~25 ms per 16-bit one. Label masks written by
-`fcn.png.encode_png` (our exports and generated masks) use only the 'Up' filter, which undoes
-with one vectorised add per row, and ISA-L inflates ~5x faster than zlib; such files read
-~3x faster here. Files with other filters (PIL picks 'Paeth' for many rows, and the masks
-shipped with real Cityscapes were written by PIL), colour images, other bit depths or
-interlacing are read by PIL instead, so every valid PNG reads, and reads identically.
+Reading: scoring an image reads three PNGs (prediction, labelIds, instanceIds), and PIL's
+decoding of them costs about as much as the scoring. Files that use only the None/Sub/Up
+filters (ours) undo with one vectorised add per row after an ISA-L inflate. Files with other
+filters (PIL picks 'Paeth' for many rows; the masks shipped with real Cityscapes were written
+by PIL), colour images, other bit depths or interlacing are read by PIL instead, so every
+valid PNG reads, and reads identically. `benchmarks/masks_speed.py` and
+`benchmarks/evaluate_speed.py` measure both sides (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Stage `benchmark`: FCN8s inference latency, throughput, peak memory, FLOPs and utilisation
-per configuration, and the fast path (see fcn/benchmark.py for the protocol).
+per configuration, and the fast path (see fcn/benchmark/plan.py for the protocol).
 
 `benchmark.profile: quick` (default) fits the CPU pipeline budget; `dvc exp run -S
 benchmark.profile=full` is the thorough run for a GPU.
@@ -7,8 +7,7 @@ benchmark.profile=full` is the thorough run for a GPU.
 
 from pathlib import Path
 
-from fcn.benchmark.run import run_benchmark
-from fcn.benchmark.report import write_report
+from fcn.benchmark.run import benchmark_stage
 from fcn.cli import run_stage, stage_parser
 from fcn.params import load_params
 
@@ -22,8 +21,7 @@ def main() -> None:
     parser.add_argument("--plots", type=Path, default=Path("plots/benchmark"))
     args = parser.parse_args()
     params = load_params(args.params)
-    results = run_benchmark(params.benchmark, params.model)
-    write_report(results, args.metrics, args.details, args.plots)
+    benchmark_stage(params.benchmark, params.model, args.metrics, args.details, args.plots)
 
 
 if __name__ == "__main__":

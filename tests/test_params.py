@@ -1,14 +1,17 @@
 """params.yaml validation: every kind of problem is reported clearly, all at once."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
 from fcn.errors import ParamsError
-from fcn.params import Params, default_params_dict, load_params, params_hash, parse_params
+from fcn.params import (SCHEMA_FILE, Params, default_params_dict, json_schema, load_params,
+                        params_hash, parse_params)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +135,49 @@ def test_stage_exits_nonzero_with_one_clear_message_before_any_work(tmp_path):
     assert "synthesize.height: must be >= 32, got 10" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+# --- the JSON Schema editors validate params.yaml with ---------------------------------------
+
+def test_committed_schema_is_generated_from_the_params_classes():
+    committed = json.loads((ROOT / SCHEMA_FILE).read_text(encoding="utf-8"))
+    assert committed == json_schema(), \
+        f"{SCHEMA_FILE} is stale: run python docs/generate.py"
+
+
+def test_schema_accepts_the_committed_params_and_the_defaults():
+    validator = jsonschema.Draft202012Validator(json_schema())
+    validator.validate(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    validator.validate(default_params_dict())
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("train", "epochs", 0),                 # below its minimum
+    ("train", "epochs", True),              # a boolean is no integer
+    ("train", "lr", 0),                     # exclusive minimum
+    ("train", "optimizer", "adam"),         # not one of the choices
+    ("train", "nosuchkey", 1),              # unknown key
+    ("masks", "encodings", ["depth"]),      # list items checked
+    ("train", "class_weights", "heavy"),    # neither a list nor null
+    ("model", "backbone", "resnet50"),      # derived from fcn.params.BACKBONES
+])
+def test_schema_refuses_what_the_loader_refuses(section, key, value):
+    raw = default_params_dict()
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match=f"{section}.{key}"):
+        parse_params(raw)
+    assert list(jsonschema.Draft202012Validator(json_schema()).iter_errors(raw))
+
+
+def test_choices_are_declared_once():
+    """The Literals params validate against are the tuples the code acts on."""
+    from fcn.cityscapes.layout import ENCODINGS, SPLITS
+    from fcn.device import DTYPES
+    from fcn.model import VGG_CONFIGS
+
+    schema = json_schema()["properties"]
+    assert schema["masks"]["properties"]["encodings"]["items"]["enum"] == list(ENCODINGS)
+    assert schema["masks"]["properties"]["splits"]["items"]["enum"] == list(SPLITS)
+    assert schema["benchmark"]["properties"]["precisions"]["items"]["enum"] == list(DTYPES)
+    backbones = schema["model"]["properties"]["backbone"]["enum"]
+    assert {b.removesuffix("_bn") for b in backbones} == set(VGG_CONFIGS)

@@ -1,8 +1,7 @@
 """Benchmark results → headline metrics, the full results JSON, a CSV for `dvc plots`, a PNG,
 and a Markdown table.
 
-Kept apart from fcn.benchmark.run so that measuring never depends on matplotlib, and the README
-table is produced from the JSON rather than copied by hand.
+Kept apart from the measuring modules so that measuring never depends on matplotlib.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import io
 import logging
 import math
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import matplotlib
@@ -19,10 +19,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
-from fcn import atomic as fio  # noqa: E402
-from fcn.benchmark.run import iter_ok  # noqa: E402
+from fcn import atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+def iter_ok(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The configurations that were measured (not skipped), in run order."""
+    return (e for e in results["configs"].values() if e["status"] == "ok")
 
 CSV_FIELDS = ("config", "latency_ms_median", "latency_ms_p90", "throughput_ips",
               "throughput_ips_load_corrected", "peak_memory_mb", "utilisation", "agreement")
@@ -49,7 +53,7 @@ def write_csv(results: dict[str, Any], path: str | Path) -> None:
     writer.writerow(CSV_FIELDS)
     for entry in iter_ok(results):
         writer.writerow([entry["name"], *(_round(entry[k]) for k in CSV_FIELDS[1:])])
-    fio.write_text(path, buffer.getvalue())
+    atomic.write_text(path, buffer.getvalue())
 
 
 def _round(value: Any) -> Any:
@@ -83,13 +87,13 @@ def write_figure(results: dict[str, Any], path: str | Path,
         fig.text(0.01, 0.01, f"skipped (see {details_path}): " + ", ".join(skipped),
                  fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.06 if skipped else 0, 1, 1))
-    with fio.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The measured configurations as a Markdown table (the README's Performance section)."""
+    """The measured configurations as a Markdown table (see docs/performance.md)."""
     lines = ["| configuration | median ms | p90 ms | images/s | images/s load-corrected | "
              f"{memory_label(results)} | TFLOP/s | matmul TFLOP/s | utilisation | agreement |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -151,8 +155,8 @@ def write_report(results: dict[str, Any], metrics_path: str | Path, details_path
     """Headline metrics JSON, full results JSON, plots/benchmark/{configs.csv, benchmark.png},
     each written atomically."""
     plots_dir = Path(plots_dir)
-    fio.write_json(details_path, results)
+    atomic.write_json(details_path, results)
     write_csv(results, plots_dir / "configs.csv")
     write_figure(results, plots_dir / "benchmark.png", details_path)
-    fio.write_json(metrics_path, headline_metrics(results))
+    atomic.write_json(metrics_path, headline_metrics(results))
     log.info("wrote %s, %s and %s", metrics_path, details_path, plots_dir)

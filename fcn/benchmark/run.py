@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import statistics
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,12 @@ def _summary(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: entry[key] for key in keys}
 
 
-def iter_ok(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The configurations that were measured (not skipped), in run order."""
-    return (e for e in results["configs"].values() if e["status"] == "ok")
+def benchmark_stage(params: BenchmarkParams, model_params: ModelParams, metrics: str | Path,
+                    details: str | Path, plots: str | Path) -> dict[str, Any]:
+    """The benchmark stage: measure, then write the headline metrics, the details JSON and the
+    plots (fcn.benchmark.report). Returns the results."""
+    from fcn.benchmark.report import write_report  # matplotlib: only for writing
+
+    results = run_benchmark(params, model_params)
+    write_report(results, metrics, details, plots)
+    return results

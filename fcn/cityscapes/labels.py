@@ -79,9 +79,6 @@ EVAL_LABELS: tuple[Label, ...] = tuple(
 NUM_CLASSES = len(EVAL_LABELS)
 CLASS_NAMES: tuple[str, ...] = tuple(label.name for label in EVAL_LABELS)
 
-INSTANCE_LABELS: tuple[Label, ...] = tuple(label for label in EVAL_LABELS if label.hasInstances)
-"""The 8 evaluated classes with instances, for which iIoU is defined."""
-
 CATEGORIES: tuple[str, ...] = tuple(
     dict.fromkeys(label.category for label in LABELS if label.categoryId > 0)
 )
@@ -114,17 +111,6 @@ TRAINID_TO_COLOR: np.ndarray = _table(
     {lab.trainId: lab.color for lab in EVAL_LABELS}, 256, (0, 0, 0), np.uint8
 )
 """uint8[256, 3]: trainId → RGB color (ignore → black)."""
-
-ID_TO_CATEGORYID: np.ndarray = _table(
-    {lab.id: lab.categoryId for lab in _DRAWN}, 256, 0, np.uint8
-)
-"""uint8[256]: labelId → categoryId (0 = void)."""
-
-ID_TO_HAS_INSTANCES: np.ndarray = _table(
-    {lab.id: lab.hasInstances for lab in _DRAWN}, 256, False, bool
-)
-"""bool[256]: whether a labelId's objects get their own instance ids."""
-
 
 def label_for_polygon(name: str) -> Label | None:
     """The label an annotation object is drawn with, as cityscapesScripts resolves it.

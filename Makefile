@@ -17,7 +17,7 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, isal, cityscapesscripts"
+	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, isal, onnx, onnxscript, onnxruntime, cityscapesscripts"
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,7 +11,8 @@ Figures are never typed into the docs by hand: each one sits in a block
 
 whose body this script renders from the metrics files git holds (metrics/*.json and
 metrics/train/metrics.json: `cache: false` outputs of the last clean `dvc repro`, so a fresh
-clone has them; the cached outputs such as metrics/benchmark_details.json are not read), and docs/parameters.md is rendered whole from fcn/params.py (fields, types,
+clone has them; the cached outputs such as metrics/benchmark_details.json are not read) and
+docs/measured/*.json (written by the scripts in benchmarks/ that say so), and docs/parameters.md is rendered whole from fcn/params.py (fields, types,
 ranges, defaults, help). params.schema.json is regenerated too. So after a new `dvc repro`
 (or a parameter change), one command brings every figure and table in line.
 """
@@ -86,13 +87,54 @@ def benchmark_headline() -> str:
                      f"{fast['throughput_ips']:.3f} images/s, {100 * fast['utilisation']:.0f}% of "
                      f"the measured matmul rate, argmax agreement with fp32 "
                      f"{100 * fast['agreement']:.4f}%; {b['fast_path_speedup']:.2f}× the reference.")
+    slide, ort = b.get("slide"), b.get("onnxruntime")
+    if slide:
+        lines.append(f"- Slide mode `{slide['config']}`: {slide['latency_ms_median']:.0f} ms, "
+                     f"peak memory {slide['peak_memory_mb']:.0f} MB = "
+                     f"{b['slide_over_whole_memory']:.2f}× whole-image inference's.")
+    if ort:
+        lines.append(f"- onnxruntime `{ort['config']}`: {ort['latency_ms_median']:.0f} ms, "
+                     f"peak memory {ort['peak_memory_mb']:.0f} MB, argmax agreement "
+                     f"{100 * ort['agreement']:.4f}%.")
     lines.append(f"- Configurations measured: {b['configs_measured']}, skipped (device lacks "
                  f"them): {b['configs_skipped']}.")
     return "\n".join(lines)
 
 
+def deploy_result() -> str:
+    """The deploy stage's check and timings (metrics/deploy.json)."""
+    d = _metrics("deploy.json")
+    ms = d["latency_ms"]
+    return "\n".join([
+        "| what | value |", "|---|---:|",
+        f"| argmax agreement with PyTorch on val | {100 * d['agreement']:.4f}% of "
+        f"{d['pixels']} pixels ({d['images']} images) |",
+        f"| largest logit difference | {d['max_abs_logit_diff']:.2g} |",
+        f"| ONNX file (opset {d['opset']}) | {d['file_mb']:.1f} MB |",
+        f"| CPU latency at {d['latency_height']}×{d['latency_width']}, PyTorch fp32 "
+        f"channels-last | {ms['torch']:.0f} ms |",
+        f"| CPU latency at {d['latency_height']}×{d['latency_width']}, onnxruntime | "
+        f"{ms['onnxruntime']:.0f} ms ({d['onnxruntime_speedup']:.2f}× PyTorch) |",
+    ])
+
+
+def inference_modes() -> str:
+    """docs/measured/inference_modes.json (benchmarks/inference_modes.py) as a table."""
+    m = json.loads((ROOT / "docs" / "measured" / "inference_modes.json").read_text("utf-8"))
+    lines = [f"Val of the default synthetic run: {m['images']} images of "
+             f"{m['image_size'][0]}×{m['image_size'][1]}, {m['threads']} CPU threads, fp32 "
+             f"(`{m['command']}`; slide windows {m['window'][0]}×{m['window'][1]}, stride "
+             f"{m['stride'][0]}×{m['stride'][1]}).", "",
+             "| option | class IoU | category IoU | ms per image |", "|---|---:|---:|---:|"]
+    for row in m["rows"]:
+        lines.append(f"| {row['option']} | {row['class_iou']:.4f} | {row['category_iou']:.4f} "
+                     f"| {row['ms_per_image']:.0f} |")
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "default-run": default_run, "benchmark-headline": benchmark_headline,
+    "deploy-result": deploy_result, "inference-modes": inference_modes,
 }
 
 

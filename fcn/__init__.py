@@ -19,7 +19,7 @@ calls one function here, which writes the stage's outputs):
     cityscapes/   the dataset's own conventions, matching cityscapesScripts exactly
         labels      the 35-label table and lookups (labelId, trainId, color, category)
         layout      where files live: suffixes, paths, the stem (the only module naming them)
-        annotations `*_gtFine_polygons.json`: parse, validate, serialize
+        annotations polygon annotation files: parse, validate, serialize
         scoring     the official pixel-level evaluator (class/category IoU and iIoU)
     masks/        stage `masks`: polygons → label masks
         render      one annotation → labelIds, labelTrainIds, color, instanceIds

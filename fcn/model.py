@@ -122,9 +122,9 @@ class FCN8s(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         x = (x - self.mean) / self.std
-        pad_h, pad_w = -height % STRIDE, -width % STRIDE
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))  # zero = the mean image after normalisation
+        # zero = the mean image after normalisation; padded even by 0 (a copy), so that the
+        # graph has no branch on the input size and exports with dynamic height and width
+        x = F.pad(x, (0, -width % STRIDE, 0, -height % STRIDE))
         pool3 = self.to_pool3(x)
         pool4 = self.to_pool4(pool3)
         pool5 = self.head(self.to_pool5(pool4))

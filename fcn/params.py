@@ -126,6 +126,13 @@ class InferenceParams:
     device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     workers: int = _p(2, ge=1, help="threads reading images ahead of the model and writing "
                       "its outputs")
+    mode: Literal["whole", "slide"] = _p(
+        "whole", help="whole images, or sliding windows (less memory; see window, stride)")
+    window: list[int] = _p([512, 1024], help="[height, width] of a sliding window (slide mode, "
+                           "and the fallback when whole images run out of CUDA memory)")
+    stride: list[int] = _p([341, 683], help="[height, width] step between sliding windows")
+    scales: list[float] = _p([1.0], help="test-time scales; several average their probabilities "
+                             "at full resolution (e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,22 @@ class ExportParams(InferenceParams):
 
 
 @dataclass(frozen=True)
+class DeployParams:
+    """The ONNX export of best.pt and its check against PyTorch with onnxruntime."""
+
+    opset: int = _p(18, ge=17, le=23, help="ONNX opset of the export")
+    min_agreement: float = _p(0.9999, ge=0, le=1, help="share of val pixels whose argmax must "
+                              "equal PyTorch's, or the stage fails")
+    height: int = _p(1024, ge=32, help="image height of the latency measurement")
+    width: int = _p(2048, ge=32, help="image width of the latency measurement")
+    warmup: int = _p(1, ge=0, help="untimed calls of each runtime first")
+    iters: int = _p(2, ge=1, help="timed calls of each runtime (the median counts)")
+    threads: int = _p(0, ge=0, help="CPU threads for both runtimes (0 = PyTorch's default)")
+    out: str = _p("deploy/fcn8s.onnx", help="the ONNX file (its own folder: models/ is the "
+                  "train stage's output)")
+
+
+@dataclass(frozen=True)
 class BenchmarkParams:
     profile: Literal["quick", "full"] = _p(
         "quick", help="quick: the CPU-budget run (quick_*); full: the thorough GPU run (full_*)")
@@ -158,6 +181,12 @@ class BenchmarkParams:
         help="fp32 strict (the reference), tf32 (CUDA tensor cores), bf16/fp16 autocast; "
              "ones the device lacks are reported as skipped")
     channels_last: list[bool] = _p([False, True], help="memory layouts to measure")
+    slide: bool = _p(True, help="also measure slide mode (fp32, batch 1, the last layout in "
+                     "channels_last): its latency and memory against whole images")
+    window: list[int] = _p([512, 1024], help="[height, width] of slide mode's windows")
+    stride: list[int] = _p([341, 683], help="[height, width] step of slide mode's windows")
+    onnxruntime: bool = _p(True, help="also measure the ONNX export of the same weights in "
+                           "onnxruntime (fp32, batch 1)")
     weights: str = _p("trained_like", help="'trained_like' (seeded random backbone, BN "
                       "calibrated, random score layers) or a training checkpoint path")
     seed: int = _p(0, ge=0, help="weights and benchmark images")
@@ -184,6 +213,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
+    deploy: DeployParams = field(default_factory=DeployParams)
     benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
 
 
@@ -284,6 +314,16 @@ def _check_relations(params: Params, problems: list[str]) -> None:
             if not re.fullmatch(r"[a-z0-9]+", city):
                 problems.append(f"synthesize.{split}_cities: city names are lowercase letters "
                                 f"and digits (they are part of Cityscapes file names), got {city!r}")
+    for name in ("evaluate", "export"):
+        s = getattr(params, name)
+        if len(s.window) != 2 or min(s.window, default=0) < 32:
+            problems.append(f"{name}.window: expected [height, width], each >= 32, got {s.window}")
+        elif len(s.stride) != 2 or not all(0 < st <= w for st, w in zip(s.stride, s.window)):
+            problems.append(f"{name}.stride: expected [height, width] with 0 < stride <= window "
+                            f"{s.window} (larger strides leave pixels unpredicted), got {s.stride}")
+        if not s.scales or min(s.scales) <= 0 or max(s.scales) > 4:
+            problems.append(f"{name}.scales: expected a non-empty list of factors in (0, 4], "
+                            f"got {s.scales}")
     if not params.masks.encodings:
         problems.append("masks.encodings: choose at least one encoding")
     b = params.benchmark
@@ -293,6 +333,10 @@ def _check_relations(params: Params, problems: list[str]) -> None:
         if not values or len(set(values)) != len(values):
             problems.append(f"benchmark.{key}: expected a non-empty list without repeats, "
                             f"got {values}")
+    if len(b.window) != 2 or min(b.window, default=0) < 32 or len(b.stride) != 2 or not all(
+            0 < st <= w for st, w in zip(b.stride, b.window)):
+        problems.append(f"benchmark.window/stride: expected [height, width] each, window >= 32 "
+                        f"and 0 < stride <= window, got {b.window} / {b.stride}")
     for key in ("quick_batch_sizes", "full_batch_sizes"):
         if min(getattr(b, key), default=1) < 1:
             problems.append(f"benchmark.{key}: expected positive integers, got {getattr(b, key)}")

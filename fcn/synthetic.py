@@ -2,7 +2,7 @@
 
 Each image is a street scene built from polygons (sky, skyline, trees, road, sidewalks,
 poles with lights and signs, vehicles with license plates, people, riders, groups, the ego
-vehicle's hood and the out-of-roi border), saved as `*_gtFine_polygons.json`, and a photo
+vehicle's hood and the out-of-roi border), saved as polygon annotations, and a photo
 rendered from those polygons. Classes share base colors, so a per-pixel color lookup cannot
 tell them apart; each class has its own texture (stripes of some orientation and period,
 checkers, dots, grain), varied per object, under per-image lighting and sensor noise: a

@@ -1,7 +1,8 @@
 """Stage `export`: test predictions as label-id PNGs + upload zip, overlays and a val GIF.
 
 `--images DIR --out DIR` instead predicts any folder of images (outside the dataset too):
-`<out>/<relative path>/<name>_labelIds.png` and `<name>_overlay.png` per image.
+`<out>/<relative path>/<name>_labelIds.png` and `<name>_overlay.png` per image; --mode,
+--window, --stride, --scales, --flip … override the export section for that (as fcn-predict).
 """
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from fcn.cityscapes.layout import SPLITS
 from fcn.cli import run_stage, stage_parser
 from fcn.errors import FcnError
 from fcn.params import load_params
+from fcn.predict.cli import add_inference_arguments, with_overrides
 from fcn.predict.export import ExportPaths, export_stage, predict_folder_stage
 
 
@@ -23,13 +25,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: export.out)")
     parser.add_argument("--images", type=Path,
                         help="predict every .png/.jpg under this folder instead (needs --out)")
+    add_inference_arguments(parser)
     args = parser.parse_args()
     params = load_params(args.params)
     if args.images is not None and args.out is None:
         raise FcnError("--images needs --out: where to write the predictions")
+    overrides = with_overrides(params.export, args)
+    if args.images is None and overrides != params.export:
+        raise FcnError("inference options on the command line apply to --images only; the "
+                       "export stage reads params.yaml (e.g. dvc exp run -S export.mode=slide)")
     checkpoint = args.checkpoint or best_path(params.train.out)
     if args.images is not None:
-        predict_folder_stage(checkpoint, params.model, params.export, args.images, args.out)
+        predict_folder_stage(checkpoint, params.model, overrides, args.images, args.out)
     else:
         export_stage(checkpoint, params.data.root, params.model, params.export,
                      ExportPaths(args.out or Path(params.export.out), args.split))

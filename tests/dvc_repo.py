@@ -24,7 +24,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 # The pipeline as the architecture defines it, in order; a test that needs a stage which has
 # not landed in dvc.yaml yet skips naming it (never passes without it).
-PIPELINE = ("synthesize", "masks", "train", "evaluate", "export", "benchmark")
+PIPELINE = ("synthesize", "masks", "train", "evaluate", "export", "deploy", "benchmark")
 
 # Tiny values for keys that exist in params.yaml (keys that do not exist are left out, so the
 # copy stays valid while sections grow). 64x128 images, 2-3 per city, 1 epoch, 1 benchmark iter.
@@ -41,7 +41,8 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
     "benchmark": {"profile": "quick", "device": "cpu", "height": 64, "width": 128,
                   "precisions": ["fp32"], "channels_last": [False], "threads": 1,
                   "quick_batch_sizes": [1], "quick_warmup": 1, "quick_iters": 1,
-                  "quick_compile": [False]},
+                  "quick_compile": [False], "window": [32, 64], "stride": [24, 48]},
+    "deploy": {"height": 64, "width": 128, "warmup": 0, "iters": 1, "threads": 1},
 }
 
 

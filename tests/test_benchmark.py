@@ -32,7 +32,7 @@ from fcn.params import BenchmarkParams, ModelParams
 ROOT = Path(__file__).resolve().parents[1]
 TINY = BenchmarkParams(device="cpu", height=64, width=128, precisions=["fp32", "tf32", "bf16"],
                        channels_last=[False, True], quick_warmup=1, quick_iters=2, threads=1,
-                       matmul_size=512)
+                       matmul_size=512, window=[32, 64], stride=[24, 48])
 NUMBERS = ("latency_ms_median", "latency_ms_p90", "latency_ms_min", "throughput_ips",
            "throughput_ips_load_corrected",
            "first_call_s", "peak_memory_mb", "rss_baseline_mb", "peak_rss_growth_mb",
@@ -142,7 +142,10 @@ def test_json_has_every_field_for_every_configuration(results):
                 assert isinstance(entry[key], (int, float)) and math.isfinite(entry[key]), key
             assert entry["latency_ms_p90"] >= entry["latency_ms_median"] >= entry["latency_ms_min"]
             assert entry["memory_method"]
-            assert entry["flops_per_image"] == written["model"]["flops_counted"]
+            if entry["mode"] == "whole":
+                assert entry["flops_per_image"] == written["model"]["flops_counted"]
+            else:  # 9 windows of 32x64 (a quarter of the image each, with overlaps)
+                assert entry["flops_per_image"] == 9 * counted_flops(ModelParams(), 32, 64)
         else:
             assert isinstance(entry["reason"], str) and entry["reason"]
             assert all(entry[key] is None for key in NUMBERS)
@@ -187,7 +190,23 @@ def test_metrics_hold_the_headline_numbers_of_the_measured_configurations(result
         else:
             yield path, value
     texts = [p for p, v in leaves(metrics) if isinstance(v, str)]
-    assert texts == [("reference", "config"), ("fast_path", "config"), ("fast_path_eager", "config")]
+    assert texts == [(k, "config") for k in ("reference", "fast_path", "fast_path_eager",
+                                             "slide", "onnxruntime")]
+    slide, ort = configs[metrics["slide"]["config"]], configs[metrics["onnxruntime"]["config"]]
+    assert slide["mode"] == "slide" and ort["runtime"] == "onnxruntime"
+    whole = configs[slide["name"].replace("-slide", "")]
+    assert metrics["slide_over_whole_memory"] == slide["peak_memory_mb"] / whole["peak_memory_mb"]
+
+
+def test_slide_and_onnxruntime_are_measured_but_never_the_fast_path(results):
+    configs = results["configs"]
+    slide, ort = configs["fp32-cl-eager-slide-b1"], configs["onnxruntime-fp32-b1"]
+    assert slide["status"] == ort["status"] == "ok"
+    # the same weights: onnxruntime predicts what PyTorch does; slide mode sees less context
+    assert ort["agreement"] >= 0.999
+    # slide mode does the work of every window: FLOPs per image count them all
+    assert slide["flops_per_image"] > configs["fp32-cl-eager-b1"]["flops_per_image"]
+    assert results["fast_path"]["name"] not in (slide["name"], ort["name"])
 
 
 def test_fp32_runs_and_tf32_is_skipped_on_cpu(results):

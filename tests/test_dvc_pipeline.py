@@ -75,11 +75,12 @@ def test_second_repro_runs_nothing_and_says_so(pipeline: Pipeline) -> None:
     _skip_if_missing(pipeline.repo, *PIPELINE)
 
 
-# (section, keys to try in order, stages expected to rerun): evaluate, export and benchmark
+# (section, keys to try in order, stages expected to rerun): evaluate, export, deploy and benchmark
 # are leaves of the graph, so a param of theirs reruns that stage alone.
 LEAF_PARAMS = [
     ("evaluate", ("samples", "sample_width", "batch_size"), {"evaluate"}),
     ("export", ("overlays", "gif_frames", "gif_width"), {"export"}),
+    ("deploy", ("iters", "warmup"), {"deploy"}),
     ("benchmark", ("quick_iters", "iters", "seed"), {"benchmark"}),
 ]
 
@@ -141,7 +142,7 @@ def test_exp_run_records_an_experiment_that_exp_show_and_metrics_diff_report(
     # a train param reruns train and what reads the model, never the data stages
     assert ran_stages(ran.output) >= {"train"} & set(declared)
     assert ran_stages(ran.output).isdisjoint({"synthesize", "masks", "benchmark"})
-    assert {"evaluate", "export"} & set(declared) <= ran_stages(ran.output)
+    assert {"evaluate", "export", "deploy"} & set(declared) <= ran_stages(ran.output)
 
     rows = _experiments(json.loads(dvc(repo, "exp", "show", "--json").stdout))
     exp = next((r for r in rows if r.get("name") == "more-epochs"), None)

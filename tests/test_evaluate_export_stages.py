@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import runpy
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,12 @@ from PIL import Image
 
 from eval_helpers import eval_data, official_evaluation, write_ground_truth
 from fcn.cityscapes.labels import CLASS_NAMES, TRAINID_TO_ID
+from fcn.checkpoint import best_path
 from fcn.cityscapes.layout import list_images, stem_of
+from fcn.cli import run_stage
+from fcn.params import load_params
+from fcn.predict.evaluate import ReportPaths, evaluate_stage
+from fcn.predict.export import ExportPaths, export_stage, predict_folder_stage
 from fcn.params import default_params_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +52,33 @@ def write_params(folder: Path, dataset, **sections) -> Path:
 
 
 def run(stage: str, *args: str, cwd: Path, monkeypatch) -> int:
-    """Run a stage script in this process (imports are already warm); its exit code."""
+    """Run a stage's library function as its script calls it (params loaded and validated,
+    run_stage's error handling, outputs relative to `cwd`); its exit code. The scripts
+    themselves run as DVC runs them in test_stage_script_exit_code_and_message."""
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(STAGES / f"{stage}.py"), *args])
+    options = dict(zip(args[::2], args[1::2]))
+    unknown = set(options) - {"--params", "--predictions", "--split", "--out", "--images"}
+    assert not unknown, unknown
+
+    def main() -> None:
+        params = load_params(options["--params"])
+        checkpoint = best_path(params.train.out)
+        if stage == "evaluate":
+            evaluate_stage(params.data.root, params.data.generated, params.model,
+                           params.evaluate, ReportPaths(Path("metrics/evaluate.json"),
+                                                        Path("metrics/evaluate"),
+                                                        Path("plots/evaluate")),
+                           checkpoint, options.get("--predictions"))
+        elif "--images" in options:
+            predict_folder_stage(checkpoint, params.model, params.export, options["--images"],
+                                 options["--out"])
+        else:
+            export_stage(checkpoint, params.data.root, params.model, params.export,
+                         ExportPaths(Path(options.get("--out", params.export.out)),
+                                     options.get("--split", "test")))
+
     try:
-        runpy.run_path(str(STAGES / f"{stage}.py"), run_name="__main__")
+        run_stage(main)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0

@@ -50,6 +50,20 @@ def _probe(precision: str) -> tuple[float, float]:
     return matmul_rate(cpu, torch.float32, 512, 5), matmul_rate(cpu, DTYPES[precision], 512, 1)
 
 
+def runtime_support(device: torch.device, runtime: str) -> str | None:
+    """None when `runtime` can run on `device`, else the reason it is skipped."""
+    if runtime == "torch":
+        return None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("onnxruntime has no CUDA provider here (install onnxruntime-gpu for GPU "
+                "serving); its CPU figure would not compare with this device's")
+    return None
+
+
 def precision_support(device: torch.device, precision: str) -> str | None:
     """None when `device` runs `precision` natively, else the reason it is skipped.
 

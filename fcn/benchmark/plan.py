@@ -33,12 +33,19 @@ class Config:
     channels_last: bool
     compile: bool
     batch_size: int
+    mode: str = "whole"
+    """whole images, or sliding windows (fcn.predict.predictor.slide_logits)"""
+    runtime: str = "torch"
+    """torch, or onnxruntime running the ONNX export of the same weights"""
 
     @property
     def name(self) -> str:
+        if self.runtime == "onnxruntime":
+            return f"onnxruntime-{self.precision}-b{self.batch_size}"
         layout = "cl" if self.channels_last else "nchw"
         mode = "compiled" if self.compile else "eager"
-        return f"{self.precision}-{layout}-{mode}-b{self.batch_size}"
+        slide = "-slide" if self.mode == "slide" else ""
+        return f"{self.precision}-{layout}-{mode}{slide}-b{self.batch_size}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class Protocol:
     cudnn_benchmark: bool
     threads: int
     matmul_size: int
+    window: tuple[int, int]
+    stride: tuple[int, int]
 
 
 def plan(params: BenchmarkParams) -> tuple[Protocol, list[Config]]:
@@ -68,9 +77,14 @@ def plan(params: BenchmarkParams) -> tuple[Protocol, list[Config]]:
         iters=params.quick_iters if quick else params.full_iters,
         seed=params.seed, cudnn_benchmark=params.cudnn_benchmark,
         threads=params.threads or torch.get_num_threads(),
-        matmul_size=params.matmul_size or MATMUL_N[device.type])
+        matmul_size=params.matmul_size or MATMUL_N[device.type],
+        window=(params.window[0], params.window[1]), stride=(params.stride[0], params.stride[1]))
     batch_sizes = params.quick_batch_sizes if quick else params.full_batch_sizes
     compiles = params.quick_compile if quick else params.full_compile
     configs = [Config(p, cl, c, b) for p in params.precisions for cl in params.channels_last
                for c in compiles for b in batch_sizes]
+    if params.slide:  # whole vs slide memory: the same precision and layout, one image
+        configs.append(Config("fp32", params.channels_last[-1], False, 1, mode="slide"))
+    if params.onnxruntime:
+        configs.append(Config("fp32", False, False, 1, runtime="onnxruntime"))
     return protocol, configs

@@ -139,12 +139,24 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
     if reference is not None and fast is not None:
         speedup = (configs[fast["name"]]["throughput_ips_load_corrected"]
                    / reference["throughput_ips_load_corrected"])
+    def first(**match: str) -> dict[str, Any] | None:
+        return next((e for e in iter_ok(results)
+                     if all(e.get(k) == v for k, v in match.items())), None)
+
+    slide, ort = first(mode="slide"), first(runtime="onnxruntime")
+    whole = configs.get(slide["name"].replace("-slide", "")) if slide else None
+    slide_memory = None
+    if slide and whole and whole["status"] == "ok" and whole["peak_memory_mb"]:
+        slide_memory = slide["peak_memory_mb"] / whole["peak_memory_mb"]
     return {
         "gflops_per_image": results["model"]["flops_counted"] / 1e9,
         "reference": headline(reference),
         "fast_path": headline(fast),
         "fast_path_eager": headline(results["fast_path_eager"]),
         "fast_path_speedup": speedup,
+        "slide": headline(slide),
+        "slide_over_whole_memory": slide_memory,
+        "onnxruntime": headline(ort),
         "configs_measured": sum(1 for _ in iter_ok(results)),
         "configs_skipped": sum(1 for e in configs.values() if e["status"] != "ok"),
     }

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fcn.benchmark.capability import MATMUL_REPS, load_average, environment, precision_support
+from fcn.benchmark.capability import (MATMUL_REPS, environment, load_average, precision_support,
+                                      runtime_support)
 from fcn.benchmark.flops import analytic_flops, counted_flops
 from fcn.benchmark.inputs import benchmark_images, load_weights
 from fcn.benchmark.plan import Config, Protocol, plan
@@ -29,6 +30,7 @@ from fcn.benchmark.worker import Job, run_isolated
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.model import FCN8s
 from fcn.params import BenchmarkParams, ModelParams
+from fcn.predict.predictor import window_boxes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class ConfigResult:
     channels_last: bool
     compile: bool
     batch_size: int
+    mode: str = "whole"
+    runtime: str = "torch"
     status: str | None = None
     reason: str | None = None
     warmup: int | None = None
@@ -74,7 +78,8 @@ class ConfigResult:
     def planned(cls, config: Config, protocol: Protocol) -> ConfigResult:
         return cls(name=config.name, precision=config.precision,
                    channels_last=config.channels_last, compile=config.compile,
-                   batch_size=config.batch_size, warmup=protocol.warmup, iters=protocol.iters)
+                   batch_size=config.batch_size, mode=config.mode, runtime=config.runtime,
+                   warmup=protocol.warmup, iters=protocol.iters)
 
     def fill(self, raw: dict[str, Any], flops_per_image: int) -> None:
         """Turn a worker's raw measurements into the reported figures."""
@@ -123,6 +128,9 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
     protocol, configs = plan(params)
     device = torch.device(protocol.device)
     flops = counted_flops(model_params, protocol.height, protocol.width)
+    boxes = window_boxes(protocol.height, protocol.width, protocol.window, protocol.stride)
+    window = (boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2])
+    slide_flops = counted_flops(model_params, *window) * len(boxes)  # the work slide mode does
     with torch.device("meta"):
         meta_model = FCN8s(model_params.backbone, NUM_CLASSES, model_params.fc67,
                            model_params.fc_channels)
@@ -141,16 +149,25 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
                                   protocol.width, protocol.seed)
         images_path, state_path = Path(tmp) / "images.npy", Path(tmp) / "state.pt"
         np.save(images_path, images)
-        torch.save(load_weights(params, model_params, images[0]).state_dict(), state_path)
-        del images
+        model = load_weights(params, model_params, images[0])
+        torch.save(model.state_dict(), state_path)
+        onnx_path = None
+        if any(c.runtime == "onnxruntime" for c in configs):
+            from fcn.deploy import export_onnx
+
+            onnx_path = Path(tmp) / "model.onnx"
+            export_onnx(model, onnx_path, 18)
+        del images, model
         todo = sorted(configs, key=lambda c: c != reference)  # the reference first
         if reference not in configs:
             todo.insert(0, reference)
         for config in tqdm(todo, desc="benchmark", unit="config", disable=not progress):
             entry = entries.get(config.name)
-            reason = precision_support(device, config.precision)
+            reason = (runtime_support(device, config.runtime)
+                      or precision_support(device, config.precision))
             if reason is None:
-                job = Job(config, protocol, model_params, str(state_path), str(images_path))
+                job = Job(config, protocol, model_params, str(state_path), str(images_path),
+                          str(onnx_path) if onnx_path else None)
                 try:
                     raw = run_isolated(job)
                 except Exception as exc:  # noqa: BLE001 - any failure skips just this config
@@ -158,7 +175,7 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
                 else:
                     predictions[config.name] = raw.pop("prediction")
                     if entry is not None:
-                        entry.fill(raw, flops)
+                        entry.fill(raw, slide_flops if config.mode == "slide" else flops)
             if entry is None:
                 continue
             if reason is not None:
@@ -221,7 +238,8 @@ def fastest_config(results: dict[str, Any], min_agreement: float = MIN_AGREEMENT
     fcn.predict.predictor.Predictor can run today).
     """
     eligible = [entry for entry in results["configs"].values()
-                if entry["status"] == "ok" and entry["agreement"] is not None
+                if entry["status"] == "ok" and entry.get("runtime", "torch") == "torch"
+                and entry.get("mode", "whole") == "whole" and entry["agreement"] is not None
                 and entry["agreement"] >= min_agreement and (allow_compile or not entry["compile"])]
 
     def speed(entry: dict[str, Any]) -> float:

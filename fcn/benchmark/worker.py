@@ -24,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.device import DTYPES, autocast, synchronize
 from fcn.model import FCN8s
 from fcn.params import ModelParams
+from fcn.predict.predictor import slide_logits
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Job:
     model: ModelParams
     state_path: str
     images_path: str
+    onnx_path: str | None = None
 
 
 class PeakRss:
@@ -127,6 +130,7 @@ def measure(job: Job) -> dict[str, Any]:
         inductor.freezing = True  # inference: fold batch norm into the convolutions, prepack
         model = torch.compile(model)
     casting = autocast(device, config.precision, cuda_only=False)
+    forward = _forward(job, model, x)
 
     rss = PeakRss()
     latencies: list[float] = []
@@ -135,12 +139,12 @@ def measure(job: Job) -> dict[str, Any]:
             rss.reset()
         synchronize(device)
         start = time.perf_counter()
-        out = model(x)
+        out = forward()
         synchronize(device)
         first_call = time.perf_counter() - start
         del out
         for _ in range(protocol.warmup - 1):
-            model(x)
+            forward()
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -149,7 +153,7 @@ def measure(job: Job) -> dict[str, Any]:
                       for _ in range(protocol.iters)]
             for i, (begin, end) in enumerate(events):
                 begin.record()
-                out = model(x)
+                out = forward()
                 end.record()
                 if i < protocol.iters - 1:
                     del out
@@ -160,7 +164,7 @@ def measure(job: Job) -> dict[str, Any]:
             for i in range(protocol.iters):
                 rss.rearm()
                 start = time.perf_counter()
-                out = model(x)
+                out = forward()
                 latencies.append(time.perf_counter() - start)
                 rss.checkpoint()
                 if i < protocol.iters - 1:
@@ -179,7 +183,7 @@ def measure(job: Job) -> dict[str, Any]:
         result["peak_rss_growth_mb"] = rss.growth() / 2**20
         result["rss_baseline_mb"] = rss.baseline / 2**20
         result["memory_method"] = rss.method + " (model and input loaded; warm-up included)"
-    del out, model, x
+    del out, model, x, forward
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -189,6 +193,20 @@ def measure(job: Job) -> dict[str, Any]:
     else:
         result["matmul_flops"] = statistics.median(matmul_rates)
     return result
+
+
+def _forward(job: Job, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The timed call: the model on whole images, on sliding windows, or onnxruntime."""
+    config, protocol = job.config, job.protocol
+    if config.runtime == "onnxruntime":
+        from fcn.deploy import INPUT, OUTPUT, session
+
+        sess = session(job.onnx_path, protocol.threads, cuda=x.device.type == "cuda")
+        feed = {INPUT: x.cpu().numpy()}
+        return lambda: torch.from_numpy(sess.run([OUTPUT], feed)[0])
+    if config.mode == "slide":
+        return lambda: slide_logits(model, x, protocol.window, protocol.stride)
+    return lambda: model(x)
 
 
 def run_isolated(job: Job) -> dict[str, Any]:

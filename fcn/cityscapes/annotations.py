@@ -1,4 +1,4 @@
-"""Cityscapes `*_gtFine_polygons.json` annotations: parse, validate, serialize.
+"""Cityscapes polygon annotations (gtFine `polygons.json` files): parse, validate, serialize.
 
 Parsing is strict where cityscapesScripts would crash or silently draw garbage: every problem
 is a DataError naming the file and, where it helps, the object index.

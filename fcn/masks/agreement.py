@@ -1,6 +1,6 @@
 """How far our masks agree with the masks shipped with the dataset.
 
-Real Cityscapes ships `*_gtFine_labelIds.png`, `_instanceIds.png` and `_color.png` made by
+Real Cityscapes ships labelIds, instanceIds and color masks made by
 cityscapesScripts with an old PIL, whose polygon fill differs from today's by a few pixels
 per image; the report measures that, it does not test our rasterizer (tests do, against
 cityscapesScripts on the same PIL). Agreement is the fraction of pixels whose value is equal

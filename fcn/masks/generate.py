@@ -1,7 +1,7 @@
 """Generate the masks of a whole dataset: find the annotations, render them in worker
 processes, compare with shipped masks, and replace the output folder only once complete.
 
-The output is `<generated>/gtFine/<split>/<city>/<stem>_gtFine_<encoding>.png`, the official
+The output is each mask at `layout.mask_path(generated, …)`, the official
 layout under another root, so the files shipped with the dataset are never touched: a
 generated root that overlaps the dataset's shipped folders is refused before any work.
 """
@@ -40,7 +40,7 @@ class Item:
 
 
 def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
-    """Every `*_gtFine_polygons.json` of the splits, each checked to have its image."""
+    """Every polygon annotation of the splits, each checked to have its image."""
     root = Path(root)
     items = []
     for split in splits:

@@ -4,7 +4,7 @@ prediction of any folder of images.
 The official server (and cityscapesScripts' evaluator) finds the prediction of an image by the
 pattern `<city>_<seq>_<frame>*.png` anywhere in the upload, and fails on zero or several
 matches; each file must be a single-channel uint8 PNG of label **ids** (not trainIds) at the
-image's size. We name each prediction like its image, `<stem>_leftImg8bit.png`, under
+image's size. We name each prediction like its image (`layout.submission_name`), under
 `<city>/`, and the zip holds exactly those files: one per image, nothing else. Overlays are
 named `overlay_<stem>.png`, so even a search over the whole export folder finds one match.
 """
@@ -73,9 +73,10 @@ def export_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
     return count
 
 
-def predict_folder_stage(checkpoint: str | Path, model: ModelParams, params: ExportParams,
-                         images: str | Path, out: str | Path) -> int:
-    """`stages/export.py --images`: predict every image under `images` into `out`."""
+def predict_folder_stage(checkpoint: str | Path, model: ModelParams | None,
+                         params: ExportParams, images: str | Path, out: str | Path) -> int:
+    """`stages/export.py --images` and `fcn-predict`: predict every image under `images` into
+    `out` (model None: as the checkpoint describes itself)."""
     return predict_folder(Predictor.from_params(checkpoint, model, params), images, out, params)
 
 
@@ -104,7 +105,7 @@ def export_split(predictor: Predictor, data_root: str | Path, paths: ExportPaths
 
 
 def write_submission_zip(path: Path, folder: Path, stems: Sequence[str]) -> None:
-    """A zip of exactly one prediction per stem (`<city>/<stem>_leftImg8bit.png`), refusing a
+    """A zip of exactly one prediction per stem (`layout.submission_name`), refusing a
     folder that holds anything else (the server fails on several matches for one image)."""
     expected = {submission_name(stem) for stem in stems}
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}

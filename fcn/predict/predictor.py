@@ -1,4 +1,15 @@
-"""Whole-image prediction at full resolution: batching, mixed precision, flip TTA.
+"""Prediction at full resolution: whole images or sliding windows, mixed precision, multi-scale
+and flip test-time augmentation, and a fallback when CUDA runs out of memory.
+
+- `whole`: one forward pass per batch of whole images (FCN8s takes any size).
+- `slide`: windows of `window` pixels every `stride` pixels; windows at the border are shifted
+  inside the image (not padded), the logits of overlapping windows are summed and divided by
+  the per-pixel count, as mmsegmentation's slide mode does.
+- `scales` / `flip_tta`: the image is resized by each scale (bilinear) and optionally flipped;
+  each view's logits are resized back to full resolution and their softmax probabilities
+  averaged. One scale (1.0) without flip returns the logits themselves.
+- Out of CUDA memory in whole mode: the batch is retried one image at a time, and an image that
+  still does not fit is predicted in slide mode; each step is logged once and then kept.
 
 Predictions stream: `predict_stream` decodes images ahead in threads, runs batches of same-size
 images, and yields one prediction at a time, so memory holds a few images whatever the split size.
@@ -6,6 +17,7 @@ images, and yields one prediction at a time, so memory holds a few images whatev
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -13,10 +25,11 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fcn.checkpoint import load_model
-from fcn.device import autocast_dtype, resolve_device
-from fcn.model import FCN8s
+from fcn.device import autocast, autocast_dtype, resolve_device
 from fcn.params import InferenceParams, ModelParams
 from fcn.threads import read_ahead
 
@@ -26,45 +39,124 @@ T = TypeVar("T")
 P = TypeVar("P")
 
 
+def window_boxes(height: int, width: int, window: Sequence[int], stride: Sequence[int]
+                 ) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of every sliding window, row by row: mmseg's grid, with the last
+    window of a row or column shifted back inside the image; a window larger than the image
+    is the whole image."""
+    wh, ww = min(window[0], height), min(window[1], width)
+    sh, sw = stride
+    rows = max(height - wh + sh - 1, 0) // sh + 1
+    cols = max(width - ww + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        y2 = min(r * sh + wh, height)
+        for c in range(cols):
+            x2 = min(c * sw + ww, width)
+            boxes.append((y2 - wh, y2, x2 - ww, x2))
+    return boxes
+
+
+def slide_logits(model: nn.Module, x: torch.Tensor, window: Sequence[int],
+                 stride: Sequence[int]) -> torch.Tensor:
+    """float32 (N, C, H, W): the model's logits over sliding windows of `x` (N, 3, H, W),
+    summed where windows overlap and divided by the per-pixel count."""
+    height, width = x.shape[-2:]
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, height, width, device=x.device)
+    for y1, y2, x1, x2 in window_boxes(height, width, window, stride):
+        logits = model(x[..., y1:y2, x1:x2]).float()
+        if total is None:
+            total = torch.zeros(x.shape[0], logits.shape[1], height, width, device=x.device)
+        total[..., y1:y2, x1:x2] += logits
+        count[..., y1:y2, x1:x2] += 1
+    assert total is not None
+    return total / count
+
+
 class Predictor:
     """Images → trainId maps. Mixed precision applies on CUDA only (CPU runs fp32)."""
 
-    def __init__(self, model: FCN8s, device: torch.device | str = "cpu", precision: str = "fp32",
-                 channels_last: bool = False, flip_tta: bool = False) -> None:
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
+                 precision: str = "fp32", channels_last: bool = False, flip_tta: bool = False,
+                 mode: str = "whole", window: Sequence[int] = (512, 1024),
+                 stride: Sequence[int] = (341, 683), scales: Sequence[float] = (1.0,)) -> None:
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.flip_tta = flip_tta
+        self.mode, self.window, self.stride = mode, tuple(window), tuple(stride)
+        self.scales = tuple(float(s) for s in scales)
+        self.precision = precision
         self.autocast_dtype = autocast_dtype(self.device, precision)
+        self._fallback: str | None = None  # after an OOM: "per_image", then "slide"
         if precision != "fp32" and self.autocast_dtype is None:
             log.info("precision %s applies on CUDA only; running fp32 on %s", precision,
                      self.device)
 
     @classmethod
-    def from_params(cls, checkpoint: str | Path, model: ModelParams,
+    def from_params(cls, checkpoint: str | Path, model: ModelParams | None,
                     inference: InferenceParams) -> Predictor:
-        """The model of a checkpoint (checked against params.yaml's `model`), predicting as
-        `inference` says (evaluate's or export's section)."""
+        """The model of a checkpoint (checked against params.yaml's `model`; None: as the
+        checkpoint describes itself), predicting as `inference` says."""
         device = resolve_device(inference.device)
         net = load_model(checkpoint, model)
-        log.info("predicting on %s, precision %s, channels_last %s, flip TTA %s", device,
-                 inference.precision, inference.channels_last, inference.flip_tta)
+        log.info("predicting on %s: %s mode%s, precision %s, channels_last %s, scales %s, "
+                 "flip TTA %s", device, inference.mode,
+                 f" (window {inference.window}, stride {inference.stride})"
+                 if inference.mode == "slide" else "", inference.precision,
+                 inference.channels_last, inference.scales, inference.flip_tta)
         return cls(net, device, inference.precision, inference.channels_last,
-                   inference.flip_tta)
+                   inference.flip_tta, inference.mode, inference.window, inference.stride,
+                   inference.scales)
+
+    def _logits(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            if mode == "slide":
+                return slide_logits(self.model, x, self.window, self.stride)
+            return self.model(x).float()
+
+    def _scores(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if self.scales == (1.0,) and not self.flip_tta:
+            return self._logits(x, mode)
+        height, width = x.shape[-2:]
+        total: torch.Tensor | None = None
+        views = 0
+        for scale in self.scales:
+            xs = x
+            if scale != 1.0:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                xs = xs.contiguous(memory_format=self.memory_format)
+            for flip in (False, True) if self.flip_tta else (False,):
+                logits = self._logits(xs.flip(-1) if flip else xs, mode)
+                if flip:
+                    logits = logits.flip(-1)
+                if scale != 1.0:
+                    logits = F.interpolate(logits, size=(height, width), mode="bilinear",
+                                           align_corners=False)
+                probabilities = logits.softmax(1)
+                total = probabilities if total is None else total + probabilities
+                views += 1
+        assert total is not None
+        return total / views
 
     @torch.inference_mode()
-    def scores(self, images: torch.Tensor) -> torch.Tensor:
+    def scores(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Class scores (N, 19, H, W) for uint8 images (N, H, W, 3) already on the device:
-        logits, or with flip TTA the mean of both views' softmax probabilities."""
+        logits, or with several views the mean of their softmax probabilities."""
         x = images.permute(0, 3, 1, 2).float().div_(255)
-        x = x.contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            logits = self.model(x)
-            if not self.flip_tta:
-                return logits.float()
-            flipped = self.model(x.flip(-1)).flip(-1)
-        return (logits.float().softmax(1) + flipped.float().softmax(1)) / 2
+        return self._scores(x.contiguous(memory_format=self.memory_format), mode or self.mode)
+
+    def _labels(self, batch: torch.Tensor, mode: str) -> np.ndarray:
+        return self.scores(batch, mode).argmax(1).to(torch.uint8).cpu().numpy()
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -72,8 +164,34 @@ class Predictor:
         batch = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        prediction = self.scores(batch).argmax(1).to(torch.uint8)
-        return prediction.cpu().numpy()
+        if self.mode == "slide" or self._fallback is None:
+            try:
+                return self._labels(batch, self.mode)
+            except torch.OutOfMemoryError as exc:
+                if self.mode == "slide":
+                    raise
+                reason = str(exc).splitlines()[0]
+            self._free()
+            self._fallback = "per_image"
+            log.warning("whole-image inference of a batch of %d %dx%d images ran out of memory "
+                        "(%s): predicting one image at a time from now on", len(images),
+                        images.shape[2], images.shape[1], reason)
+        out = []
+        for i in range(len(batch)):
+            one = batch[i:i + 1]
+            if self._fallback == "per_image":
+                try:
+                    out.append(self._labels(one, "whole"))
+                    continue
+                except torch.OutOfMemoryError as exc:
+                    reason = str(exc).splitlines()[0]
+                self._free()
+                self._fallback = "slide"
+                log.warning("one %dx%d image ran out of memory in whole-image inference (%s): "
+                            "switching to slide mode (window %s, stride %s) from now on",
+                            images.shape[2], images.shape[1], reason, self.window, self.stride)
+            out.append(self._labels(one, "slide"))
+        return np.concatenate(out)
 
 
 def _batches(stream: Iterable[tuple[T, tuple[np.ndarray, P]]], batch_size: int

@@ -1,7 +1,7 @@
 """Datasets and paired transforms: Cityscapes images with their generated trainId masks.
 
-Images come from `<root>/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`, masks from
-`<generated>/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png`, paired by stem. Every pair
+Images come from `data.root`, their labelTrainIds masks from the masks stage's `data.generated`
+(paths: fcn.cityscapes.layout), paired by stem. Every pair
 is checked (mask present, same size) when the dataset is built, before any training starts.
 
 Decoding uses `torchvision.io.decode_png` (`fcn.images.read_tensor`): it returns the CHW uint8

@@ -1,0 +1,67 @@
+"""`fcn-predict`: predict a folder of images with a trained checkpoint, from anywhere.
+
+    fcn-predict --checkpoint models/best.pt IMAGES OUT [--mode slide --window 512 1024 …]
+
+No params.yaml and no repository layout are needed: the model is rebuilt from the
+checkpoint's own parameters, the inference options come from the command line (defaults as
+in params.yaml's `export` section), and the work is the export stage's `--images` path, with
+the same checks and one-line errors. `add_inference_arguments` / `with_overrides` also give
+`stages/export.py --images` the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from fcn.cli import run_stage
+from fcn.params import DEVICES, PRECISIONS, ExportParams, default_params_dict, parse_params
+from fcn.predict.export import predict_folder_stage
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that override the `export` section's inference fields (unset: keep them)."""
+    group = parser.add_argument_group("inference (default: params.yaml's export section)")
+    group.add_argument("--mode", choices=["whole", "slide"])
+    group.add_argument("--window", type=int, nargs=2, metavar=("H", "W"))
+    group.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"))
+    group.add_argument("--scales", type=float, nargs="+", metavar="S")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction, dest="flip_tta",
+                       help="flip test-time augmentation")
+    group.add_argument("--precision", choices=PRECISIONS)
+    group.add_argument("--device", choices=DEVICES)
+    group.add_argument("--batch-size", type=int, dest="batch_size")
+    group.add_argument("--workers", type=int)
+
+
+def with_overrides(export: ExportParams, args: argparse.Namespace,
+                   source: str = "command line") -> ExportParams:
+    """`export` with the options given on the command line, validated as params.yaml is
+    (one message listing every problem, naming export.<key>)."""
+    names = ("mode", "window", "stride", "scales", "flip_tta", "precision", "device",
+             "batch_size", "workers")
+    changes: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    raw = default_params_dict()
+    raw["export"] = {**dataclasses.asdict(export), **changes}
+    return parse_params(raw, source).export
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fcn-predict", description=__doc__.split("\n")[0])
+    parser.add_argument("images", type=Path, help="folder of .png/.jpg/.jpeg images (recursive)")
+    parser.add_argument("out", type=Path, help="where <name>_labelIds.png and _overlay.png go")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint")
+    add_inference_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def predict() -> None:
+        params = with_overrides(ExportParams(), args)
+        predict_folder_stage(args.checkpoint, None, params, args.images, args.out)
+
+    run_stage(predict)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Stage `deploy`: best.pt → ONNX (dynamic height and width), checked against PyTorch with
+onnxruntime on the val images, and both runtimes timed at full resolution."""
+
+from pathlib import Path
+
+from fcn.checkpoint import best_path
+from fcn.cli import run_stage, stage_parser
+from fcn.deploy import deploy_stage
+from fcn.params import load_params
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--checkpoint", type=Path,
+                        help="model checkpoint (default: <train.out>/best.pt)")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/deploy.json"),
+                        help="agreement, logit difference, latencies, opset, file size")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    deploy_stage(args.checkpoint or best_path(params.train.out), params.data.root,
+                 params.model, params.deploy, args.metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -8,7 +8,7 @@ run killed while saving leaves the previous checkpoint intact.
 `last.pt` holds everything a run needs to continue (`STATE_KEYS`); `best.pt` only what
 rebuilds the model and says where it came from (`MODEL_KEYS`). Resuming is only allowed when
 the hash of the training-relevant parameters matches: `model`, `train` (minus `workers`,
-`device` and `out`, which change where and how fast a run goes, not what it computes), and
+`device`, `out` and `monitor_system`, which change where and how fast a run goes, not what it computes), and
 what identifies the data (the stage passes the `data` and `synthesize` sections: a changed
 synthetic dataset has the same paths but other pixels).
 """
@@ -40,7 +40,7 @@ MODEL_KEYS = ("format", "model", "model_params", "num_classes", "epoch", "params
               "metrics")
 """What best.pt keeps: enough to rebuild the model and know where it came from."""
 STATE_KEYS = MODEL_KEYS + ("step", "optimizer", "scheduler", "scaler", "best_miou",
-                           "best_epoch", "history", "hashed_params", "rng")
+                           "best_epoch", "history", "hashed_params", "rng", "stop_reason")
 """What last.pt keeps: the model, plus everything a resumed run continues from."""
 SHAPE_PARAMS = ("backbone", "fc67", "fc_channels")
 """The model parameters that decide the architecture (`weights` only says how training began)."""
@@ -57,7 +57,7 @@ def hashed_params(model: ModelParams, train: TrainParams,
                   identity: Mapping[str, Any]) -> dict[str, Any]:
     """The parameter values a checkpoint must agree with to be resumed (plain data):
     `identity` holds further sections (plain dicts) that name the data trained on."""
-    train = dataclasses.replace(train, workers=0, device="auto", out="")
+    train = dataclasses.replace(train, workers=0, device="auto", out="", monitor_system=False)
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
             **{name: dict(section) for name, section in identity.items()}}
 
@@ -114,7 +114,7 @@ def training_state(*, model: torch.nn.Module, model_params: ModelParams, epoch: 
                    scheduler: torch.optim.lr_scheduler.LRScheduler,
                    scaler: torch.amp.GradScaler, best_miou: float, best_epoch: int,
                    history: list[dict[str, Any]], hashed: Mapping[str, Any],
-                   rng: list[dict[str, Any]]) -> dict[str, Any]:
+                   rng: list[dict[str, Any]], stop_reason: str = "") -> dict[str, Any]:
     """The last.pt dict after `epoch` completed epochs (`STATE_KEYS`, in that order)."""
     state = {
         "format": FORMAT,
@@ -133,6 +133,7 @@ def training_state(*, model: torch.nn.Module, model_params: ModelParams, epoch: 
         "history": history,
         "hashed_params": dict(hashed),
         "rng": rng,
+        "stop_reason": stop_reason,  # why training ended before its last epoch ("" = it did not)
     }
     assert tuple(state) == STATE_KEYS
     return state

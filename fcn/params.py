@@ -51,6 +51,7 @@ Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
 BenchmarkPrecision = Literal[BENCHMARK_PRECISIONS]  # type: ignore[valid-type]
 Device = Literal[DEVICES]  # type: ignore[valid-type]
 Encoding = Literal[ENCODINGS]  # type: ignore[valid-type]
+ClassWeightScheme = Literal["enet", "median_frequency"]
 Split = Literal[SPLITS]  # type: ignore[valid-type]
 
 
@@ -94,19 +95,35 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     seed: int = _p(0, ge=0, help="initial weights, shuffling and augmentation")
-    epochs: int = _p(12, ge=1, help="passes over the train split")
-    batch_size: int = _p(8, ge=1, help="training crops per step and per process")
+    epochs: int | None = _p(12, ge=1, help="passes over the training splits (or null, with "
+                            "iterations set)")
+    iterations: int | None = _p(None, ge=1, help="optimizer steps in all, instead of epochs "
+                                "(mmseg schedules: 40000, 80000); the last epoch stops there")
+    batch_size: int = _p(8, ge=1, help="training crops per forward pass and per process")
+    accumulate: int = _p(1, ge=1, help="forward passes per optimizer step: the effective "
+                         "batch is batch_size x accumulate x processes")
+    splits: list[Split] = _p(["train"], help="splits trained on; with val among them, "
+                             "best.pt is the last epoch (val no longer measures generalisation)")
     optimizer: Literal["sgd", "adamw"] = _p("adamw", help="SGD with momentum, or AdamW")
     lr: float = _p(2e-3, gt=0, help="peak learning rate (poly decay per iteration)")
     momentum: float = _p(0.9, ge=0, lt=1, help="SGD momentum (sgd only)")
     weight_decay: float = _p(1e-4, ge=0, help="on weights only, not on biases and BN")
     poly_power: float = _p(0.9, ge=0, help="exponent of the poly LR decay (0 = constant)")
-    warmup_iters: int = _p(0, ge=0, help="linear LR warm-up iterations")
+    warmup_iters: int = _p(0, ge=0, help="linear LR warm-up iterations (optimizer steps)")
+    head_lr_mult: float = _p(1.0, gt=0, help="LR of the new layers (score, upsampling, fc6/7) "
+                             "as a multiple of the backbone's (torchvision's references: 10)")
     crop: list[int] = _p([128, 128], help="[height, width] of training crops")
     scale: list[float] = _p([0.75, 1.5], help="[min, max] random rescale factor")
     flip: bool = _p(True, help="random horizontal flips")
     jitter: float = _p(0.2, ge=0, le=1, help="photometric jitter strength (0 = off)")
-    class_weights: list[float] | None = _p(None, help=f"{NUM_CLASSES} weights, or null")
+    class_weights: list[float] | ClassWeightScheme | None = _p(
+        None, help=f"{NUM_CLASSES} weights, null, or a scheme computed from the train split's "
+        "pixel histogram by the class_weights stage: enet (1/ln(1.02 + p)) or median_frequency")
+    patience: int | None = _p(None, ge=1, help="early stopping: stop after this many epochs "
+                              "without a val mIoU gain (null = off)")
+    sync_bn: bool = _p(False, help="SyncBatchNorm across processes under DDP on CUDA (batch "
+                       "statistics of the global batch); plain BN otherwise, with a log line")
+    monitor_system: bool = _p(True, help="DVCLive system metrics (CPU, RAM, GPU) while training")
     precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
     workers: int = _p(0, ge=0, help="DataLoader worker processes")
     nproc: int = _p(1, ge=1, help="processes for torchrun/DDP (the stage launches them)")
@@ -298,7 +315,13 @@ def _check_relations(params: Params, problems: list[str]) -> None:
         problems.append(f"train.crop: expected [height, width], each >= 32, got {t.crop}")
     if len(t.scale) != 2 or not 0 < t.scale[0] <= t.scale[1]:
         problems.append(f"train.scale: expected [min, max] with 0 < min <= max, got {t.scale}")
-    if t.class_weights is not None and (
+    if (t.epochs is None) == (t.iterations is None):
+        problems.append("train.epochs, train.iterations: set exactly one of them (the other "
+                        f"null), got epochs={t.epochs}, iterations={t.iterations}")
+    if not t.splits or len(set(t.splits)) != len(t.splits) or "test" in t.splits:
+        problems.append(f"train.splits: expected train and/or val without repeats (test has "
+                        f"no annotations), got {t.splits}")
+    if isinstance(t.class_weights, list) and (
         len(t.class_weights) != NUM_CLASSES or min(t.class_weights) < 0
     ):
         problems.append(f"train.class_weights: expected {NUM_CLASSES} non-negative numbers or null, "

@@ -12,12 +12,16 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--live-dir", default="metrics/train",
                         help="DVCLive folder for per-epoch metrics (default: %(default)s)")
+    parser.add_argument("--class-weights", default="data/class_weights.json",
+                        help="the class_weights stage's output, read when train.class_weights "
+                             "names a scheme (default: %(default)s)")
     args = parser.parse_args()
     params = load_params(args.params)
     if params.train.nproc > 1 and not under_torchrun():
         sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:]))
     fit(params.model, params.train, params.data.root, params.data.generated, args.live_dir,
-        identity=sections_dict(params, "data", "synthesize"))
+        identity=sections_dict(params, "data", "synthesize"),
+        class_weights_file=args.class_weights)
 
 
 if __name__ == "__main__":

@@ -56,12 +56,12 @@ def test_missing_section():
 
 
 def test_wrong_type():
-    msg = _problems(_raw(train={"epochs": "ten"}))
-    assert "train.epochs: expected an integer, got 'ten'" in msg
+    msg = _problems(_raw(train={"batch_size": "ten"}))
+    assert "train.batch_size: expected an integer, got 'ten'" in msg
 
 
 def test_bool_is_not_an_integer():
-    assert "train.epochs: expected an integer, got True" in _problems(_raw(train={"epochs": True}))
+    assert "train.batch_size: expected an integer, got True" in _problems(_raw(train={"batch_size": True}))
 
 
 def test_wrong_choice():

@@ -123,16 +123,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SegmentationDataset(Dataset):
-    """(image float[3, H, W] in [0, 1], mask int64[H, W]) pairs of one split.
+    """(image float[3, H, W] in [0, 1], mask int64[H, W]) pairs of one split or several
+    (their pairs one after the other, e.g. train then val for train+val training).
 
     Indexed either by an int (no randomness) or, for training, by `(index, seed)` tuples
     as `SeededSampler` yields them: the transform then runs under that seed.
     """
 
-    def __init__(self, root: str | Path, generated: str | Path, split: str,
+    def __init__(self, root: str | Path, generated: str | Path, split: str | Sequence[str],
                  transform: v2.Transform | None = None) -> None:
-        self.split = split
-        self.pairs = find_pairs(root, generated, split)
+        self.splits = (split,) if isinstance(split, str) else tuple(split)
+        self.pairs = [pair for s in self.splits for pair in find_pairs(root, generated, s)]
         self.transform = transform if transform is not None else eval_transform()
 
     def __len__(self) -> int:

@@ -28,10 +28,12 @@ from torch.utils.data import DataLoader
 from fcn import checkpoint as ckpt
 from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
 from fcn.train.distributed import Context, broadcast_buffers, setup, teardown
+from fcn.errors import FcnError
+from fcn.train.class_weights import read_class_weights
 from fcn.train.loop import (NonFiniteLossError, PassResult, build_criterion, build_optimizer,
                         build_scheduler, train_one_epoch, validate)
-from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.metrics import summary
+from fcn.cityscapes.labels import CLASS_NAMES, NUM_CLASSES
+from fcn.metrics import class_scores, summary
 from fcn.model import build_model
 from fcn.params import ModelParams, TrainParams
 
@@ -57,7 +59,7 @@ def configure_determinism(device: torch.device) -> None:
 
 def make_loaders(root: str | Path, generated: str | Path, t: TrainParams,
                  context: Context) -> tuple[DataLoader, DataLoader]:
-    train_set = SegmentationDataset(root, generated, "train",
+    train_set = SegmentationDataset(root, generated, t.splits,
                                     train_transform(t.crop, t.scale, t.flip, t.jitter))
     val_set = SegmentationDataset(root, generated, "val")
     pin = context.device.type == "cuda"
@@ -74,32 +76,60 @@ def make_loaders(root: str | Path, generated: str | Path, t: TrainParams,
     return train_loader, val_loader
 
 
-def scores(result: PassResult) -> dict[str, float]:
-    return {"loss": result.loss, **summary(result.confusion)}
+def scores(result: PassResult, per_class: bool = False) -> dict[str, float]:
+    """Loss and summary scores; with per_class also `iou/<class>` for the 19 classes."""
+    out = {"loss": result.loss, **summary(result.confusion)}
+    if per_class:
+        ious = class_scores(result.confusion)["iou"]
+        out.update({f"iou/{name}": float(v) for name, v in zip(CLASS_NAMES, ious)})
+    return out
 
 
 class LiveLog:
-    """The per-epoch DVCLive log of rank 0, rebuilt from the checkpoint's history."""
+    """The per-epoch DVCLive log of rank 0, rebuilt from the checkpoint's history; with
+    `monitor_system`, DVCLive's CPU/RAM/GPU monitor runs from then on."""
 
-    def __init__(self, directory: str | Path, history: list[dict[str, Any]]) -> None:
+    def __init__(self, directory: str | Path, history: list[dict[str, Any]],
+                 monitor_system: bool = False) -> None:
         from dvclive import Live  # imported here: only rank 0 of a training run needs it
 
         self.live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, resume=False)
         for record in history:
             self.log(record)
+        if monitor_system:  # after the replay, so old epochs get no samples of this run
+            if not torch.cuda.is_available():
+                # pynvml comes with dvclive even where no NVIDIA driver is: without this its
+                # monitor prints a traceback about the missing library instead of skipping
+                import dvclive.monitor_system
+
+                dvclive.monitor_system.GPU_AVAILABLE = False
+            self.live.monitor_system()
 
     def log(self, record: dict[str, Any]) -> None:
         self.live.step = record["epoch"]
         for split in ("train", "val"):
             for name in METRICS:
                 self.live.log_metric(f"{split}/{name}", record[f"{split}/{name}"])
+        for name in CLASS_NAMES:
+            key = f"val/iou/{name}"
+            if key in record:
+                self.live.log_metric(key, record[key])
         self.live.log_metric("lr", record["lr"])
         self.live.log_metric("best/val_miou", record["best/val_miou"], plot=False)
         self.live.log_metric("best/epoch", record["best/epoch"], plot=False)
+        self.live.log_metric("stopped_early", record.get("stopped_early", 0), plot=False)
         self.live.next_step()
 
     def close(self) -> None:
+        """Write the final summary and stop the system monitor."""
         self.live.end()
+
+    def abort(self) -> None:
+        """Stop the system monitor only (a failed run: its thread must not keep the process
+        alive); the files stay as the last good epoch left them."""
+        monitor = getattr(self.live, "_system_monitor", None)
+        if monitor is not None:
+            monitor.end()
 
 
 def _better(miou: float, best: float) -> bool:
@@ -115,42 +145,83 @@ def _log_epoch(record: dict[str, Any], epochs: int, seconds: float) -> None:
 
 def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str | Path,
         live_dir: str | Path = "metrics/train",
-        identity: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        identity: Mapping[str, Mapping[str, Any]] | None = None,
+        class_weights_file: str | Path | None = None) -> dict[str, Any]:
     """Train as `model`/`train` say on the images under `root` and the masks under
     `generated`, resuming from `<train.out>/last.pt` when its parameter hash matches; returns
     the last epoch's record. `identity`: further sections (plain data) that name the data, so
-    a checkpoint of other data is not resumed. Every rank calls this under torchrun."""
+    a checkpoint of other data is not resumed; `class_weights_file`: the class_weights
+    stage's output, read when train.class_weights names a scheme. Every rank calls this under
+    torchrun."""
     context = setup(train.device)
     if not context.is_main:
         logging.getLogger("fcn").setLevel(logging.WARNING)
     hashed = ckpt.hashed_params(model, train, identity or {})
+    weights = train.class_weights
+    if isinstance(weights, str):
+        if class_weights_file is None:
+            raise FcnError(f"train.class_weights is {weights!r}: the class_weights stage's file "
+                           "is needed (stages/train.py --class-weights)")
+        weights = read_class_weights(class_weights_file, weights)
     try:
         return _fit(model, train, Path(root), Path(generated), hashed, context, Path(train.out),
-                    Path(live_dir))
+                    Path(live_dir), weights)
     finally:
         teardown(context)
 
 
+def schedule(t: TrainParams, batches_per_epoch: int) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total optimizer steps, epochs to run) for `t`: epochs as
+    given, or as many as `t.iterations` steps need (the last one stops at that step)."""
+    per_epoch = -(-batches_per_epoch // t.accumulate)
+    if t.iterations is not None:
+        return per_epoch, t.iterations, -(-t.iterations // per_epoch)
+    return per_epoch, t.epochs * per_epoch, t.epochs
+
+
+def _sync_batchnorm(model: torch.nn.Module, enabled: bool, context: Context) -> torch.nn.Module:
+    """SyncBatchNorm under DDP on CUDA; plain BN otherwise, saying why (never a crash)."""
+    if not enabled:
+        return model
+    if not context.distributed:
+        log.info("train.sync_bn: one process, nothing to synchronise: plain BatchNorm")
+        return model
+    if context.device.type != "cuda":
+        log.info("train.sync_bn: PyTorch's SyncBatchNorm runs on CUDA only: plain BatchNorm "
+                 "per process on %s (statistics of each process's batch)", context.device)
+        return model
+    log.info("train.sync_bn: SyncBatchNorm over %d processes (statistics of the global batch "
+             "of %d crops)", context.world_size, context.world_size)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
          hashed: Mapping[str, Any], context: Context, out: Path,
-         live_dir: Path) -> dict[str, Any]:
+         live_dir: Path, class_weights: list[float] | None) -> dict[str, Any]:
     device = context.device
     configure_determinism(device)
     if device.type == "cpu" and t.precision != "fp32":
         log.info("train.precision %s applies on CUDA only: training on CPU in fp32",
                  t.precision)
     train_loader, val_loader = make_loaders(root, generated, t, context)
+    trains_on_val = "val" in t.splits
+    if trains_on_val:
+        log.warning("train.splits includes val: validation then scores images the model "
+                    "trains on (a fit measure, not generalisation), so best.pt is simply the "
+                    "last epoch")
 
     seed_everything(t.seed)  # the same initial weights on every rank
-    model = build_model(model_params, NUM_CLASSES).to(device)
+    model = _sync_batchnorm(build_model(model_params, NUM_CLASSES), t.sync_bn, context)
+    model = model.to(device)
+    per_epoch, total_steps, epochs = schedule(t, len(train_loader))
     optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, len(train_loader))
+    scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
-    criterion = build_criterion(t, device)
+    criterion = build_criterion(class_weights, device)
 
-    resume = ckpt.resumable(out, hashed, t.epochs)
+    resume = ckpt.resumable(out, hashed, epochs)
     history: list[dict[str, Any]] = []
-    start_epoch, best_miou, best_epoch = 0, math.nan, -1
+    start_epoch, best_miou, best_epoch, stopped = 0, math.nan, -1, ""
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -158,6 +229,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
         scaler.load_state_dict(resume["scaler"])
         start_epoch, best_miou, best_epoch = (resume["epoch"], resume["best_miou"],
                                               resume["best_epoch"])
+        stopped = resume.get("stop_reason", "")
         history = list(resume["history"])
         ckpt.set_rng_state(resume["rng"][min(context.rank, len(resume["rng"]) - 1)])
     else:
@@ -167,53 +239,72 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     if context.distributed:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
-    live = LiveLog(live_dir, history) if context.is_main else None
-    if start_epoch >= t.epochs:
-        log.info("all %d epochs already trained: nothing to do", t.epochs)
+    live = LiveLog(live_dir, history, t.monitor_system) if context.is_main else None
+    if stopped:
+        log.info("%s: nothing to do", stopped)
+        start_epoch = epochs
+    elif start_epoch >= epochs:
+        log.info("all %d epochs already trained: nothing to do", epochs)
     else:
-        log.info("training %s on %s x%d: %d train / %d val images, %d iterations per epoch, "
-                 "epochs %d..%d", model_params.backbone, device, context.world_size,
-                 len(train_loader.dataset), len(val_loader.dataset), len(train_loader),
-                 start_epoch + 1, t.epochs)
+        log.info("training %s on %s x%d: %d images (%s) / %d val images, batch %d x %d "
+                 "accumulated x %d processes, %d optimizer steps per epoch, %d in all; epochs "
+                 "%d..%d", model_params.backbone, device, context.world_size,
+                 len(train_loader.dataset), "+".join(t.splits), len(val_loader.dataset),
+                 t.batch_size, t.accumulate, context.world_size, per_epoch, total_steps,
+                 start_epoch + 1, epochs)
 
     record: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(start_epoch, t.epochs):
-        started = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)
-        trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
-                                  context, t.precision, epoch)
-        broadcast_buffers(model, context)
-        validated = validate(model, val_loader, criterion, context, t.precision)
-        if not math.isfinite(validated.loss):
-            raise NonFiniteLossError(
-                f"non-finite validation loss after epoch {epoch + 1}: the weights diverged; "
-                "stopped without saving, the last checkpoint is the last good one")
-        record = {"epoch": epoch,
-                  **{f"train/{k}": v for k, v in scores(trained).items()},
-                  **{f"val/{k}": v for k, v in scores(validated).items()},
-                  "lr": scheduler.get_last_lr()[0]}
-        improved = _better(record["val/miou"], best_miou)
-        if improved:
-            best_miou, best_epoch = record["val/miou"], epoch
-        record.update({"best/val_miou": best_miou, "best/epoch": best_epoch})
-        history.append(record)
-        if context.is_main:
-            state = ckpt.training_state(
-                model=model, model_params=model_params, epoch=epoch + 1,
-                step=scheduler.last_epoch, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, best_miou=best_miou, best_epoch=best_epoch, history=history,
-                hashed=hashed, rng=gather_rng_states(context))
+    try:
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            train_loader.sampler.set_epoch(epoch)
+            trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
+                                      context, t.precision, epoch, accumulate=t.accumulate,
+                                      max_steps=total_steps - scheduler.last_epoch)
+            broadcast_buffers(model, context)
+            validated = validate(model, val_loader, criterion, context, t.precision)
+            if not math.isfinite(validated.loss):
+                raise NonFiniteLossError(
+                    f"non-finite validation loss after epoch {epoch + 1}: the weights diverged; "
+                    "stopped without saving, the last checkpoint is the last good one")
+            record = {"epoch": epoch,
+                      **{f"train/{k}": v for k, v in scores(trained).items()},
+                      **{f"val/{k}": v for k, v in scores(validated, per_class=True).items()},
+                      "lr": scheduler.get_last_lr()[0]}
+            improved = trains_on_val or _better(record["val/miou"], best_miou)
             if improved:
-                ckpt.save(out / ckpt.BEST, ckpt.best_subset(state))
-            ckpt.save(out / ckpt.LAST, state)
-            live.log(record)
-        else:
-            gather_rng_states(context)
-        _log_epoch(record, t.epochs, time.perf_counter() - started)
+                best_miou, best_epoch = record["val/miou"], epoch
+            if t.patience is not None and epoch - best_epoch >= t.patience and epoch + 1 < epochs:
+                stopped = (f"stopped early after epoch {epoch + 1}: no val mIoU gain for "
+                           f"{t.patience} epochs (best {best_miou:.4f} after epoch {best_epoch + 1})")
+            record.update({"best/val_miou": best_miou, "best/epoch": best_epoch,
+                           "stopped_early": int(bool(stopped))})
+            history.append(record)
+            if context.is_main:
+                state = ckpt.training_state(
+                    model=model, model_params=model_params, epoch=epoch + 1,
+                    step=scheduler.last_epoch, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, best_miou=best_miou, best_epoch=best_epoch, history=history,
+                    hashed=hashed, rng=gather_rng_states(context), stop_reason=stopped)
+                if improved:
+                    ckpt.save(out / ckpt.BEST, ckpt.best_subset(state))
+                ckpt.save(out / ckpt.LAST, state)
+                live.log(record)
+            else:
+                gather_rng_states(context)
+            _log_epoch(record, epochs, time.perf_counter() - started)
+            if stopped:
+                log.info("%s; best.pt is epoch %d", stopped, best_epoch + 1)
+                break
+        if context.is_main:
+            log.info("best val mIoU %.4f after epoch %d; checkpoints in %s", best_miou,
+                     best_epoch + 1, out)
+    except BaseException:
+        if live is not None:
+            live.abort()  # its monitor thread must not keep a failed run's process alive
+        raise
     if live is not None:
         live.close()
-        log.info("best val mIoU %.4f after epoch %d; checkpoints in %s", best_miou,
-                 best_epoch + 1, out)
     return record
 
 

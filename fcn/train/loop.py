@@ -7,9 +7,10 @@ per-batch scores; losses are summed with their weights and divided once at the e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +40,25 @@ class PassResult:
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW; weight decay on weights only (not on biases, BN parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": params.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (momentum) or AdamW; weight decay on weights only (not on biases, BN parameters).
+
+    With `head_lr_mult` != 1 the layers ImageNet weights do not initialise (everything but
+    `model.backbone_modules()`: score, upsampling, fc6/fc7) get that multiple of the LR; the
+    poly schedule scales every group alike.
+    """
+    def split(parameters: list[nn.Parameter], lr: float) -> list[dict]:
+        trainable = [p for p in parameters if p.requires_grad]
+        return [{"params": [p for p in trainable if p.ndim > 1], "lr": lr,
+                 "weight_decay": params.weight_decay},
+                {"params": [p for p in trainable if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+
+    if params.head_lr_mult == 1.0:
+        groups = split(list(model.parameters()), params.lr)
+    else:
+        backbone = {id(p) for m in model.backbone_modules() for p in m.parameters()}
+        groups = (split([p for p in model.parameters() if id(p) in backbone], params.lr)
+                  + split([p for p in model.parameters() if id(p) not in backbone],
+                          params.lr * params.head_lr_mult))
     if params.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum)
     return torch.optim.AdamW(groups, lr=params.lr)
@@ -57,18 +72,20 @@ def poly_factor(iteration: int, total: int, power: float, warmup: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Poly LR stepped once per iteration (its state dict holds no function, only numbers)."""
-    total = params.epochs * steps_per_epoch
+                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Poly LR over `total` optimizer steps, stepped once per optimizer step (its state dict
+    holds no function, only numbers)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda it: poly_factor(it, total, params.poly_power, params.warmup_iters))
 
 
-def build_criterion(params: TrainParams, device: torch.device) -> nn.CrossEntropyLoss:
+def build_criterion(class_weights: Sequence[float] | None,
+                    device: torch.device) -> nn.CrossEntropyLoss:
+    """Cross-entropy over trainIds, ignoring 255, with per-class weights if given."""
     weight = None
-    if params.class_weights is not None:
-        weight = torch.tensor(params.class_weights, dtype=torch.float32, device=device)
+    if class_weights is not None:
+        weight = torch.tensor(list(class_weights), dtype=torch.float32, device=device)
     return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
 
 
@@ -81,35 +98,56 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
                     scaler: torch.amp.GradScaler, context: Context, precision: str,
-                    epoch: int, num_classes: int = NUM_CLASSES) -> PassResult:
-    """Train over `loader` once; the loss is checked every step on every rank, so a NaN
-    stops all ranks before it reaches the weights."""
+                    epoch: int, num_classes: int = NUM_CLASSES, accumulate: int = 1,
+                    max_steps: int | None = None) -> PassResult:
+    """Train over `loader` once (or until `max_steps` optimizer steps); the loss is checked
+    every forward pass on every rank, so a NaN stops all ranks before it reaches the weights.
+
+    Gradients of `accumulate` consecutive batches add up before each optimizer step (each
+    batch's loss divided by the group's size; the last group of an epoch may be smaller), and
+    under DDP they are all-reduced only on a group's last batch (`no_sync`). Batch norm sees
+    each batch alone: its statistics are those of `batch_size`, not of the effective batch.
+    """
     model.train()
     device = context.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    steps = 0
+    passes = optimizer_steps = 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, targets in _progress(loader, context, f"train {epoch}", len(loader)):
+    total = len(loader)
+    no_sync = getattr(model, "no_sync", None)
+    optimizer.zero_grad(set_to_none=True)
+    for images, targets in _progress(loader, context, f"train {epoch}", total):
+        position = passes % accumulate
+        group = min(accumulate, total - (passes - position))  # batches in this step
+        last = position == group - 1
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(images)
-            loss = criterion(logits.float(), targets)
-        finite = bool(torch.isfinite(loss.detach()))
-        if any_rank(not finite, context):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()} on rank {context.rank}) at epoch "
-                f"{epoch + 1}, iteration {steps + 1} (lr {scheduler.get_last_lr()[0]:.3g}); stopped "
-                "without saving: the last checkpoint is the last good one. Lower train.lr, "
-                "add warm-up (train.warmup_iters) or use train.precision bf16/fp32")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        syncing = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with syncing:
+            with autocast(device, precision):
+                logits = model(images)
+                loss = criterion(logits.float(), targets)
+            finite = bool(torch.isfinite(loss.detach()))
+            if any_rank(not finite, context):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()} on rank {context.rank}) at epoch "
+                    f"{epoch + 1}, iteration {passes + 1} (optimizer step {optimizer_steps + 1}, "
+                    f"lr {scheduler.get_last_lr()[0]:.3g}); stopped without saving: the last "
+                    "checkpoint is the last good one. Lower train.lr, add warm-up "
+                    "(train.warmup_iters) or use train.precision bf16/fp32")
+            scaler.scale(loss if group == 1 else loss / group).backward()
+        if last:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            optimizer_steps += 1
         loss_sum += loss.detach().double()
-        steps += 1
+        passes += 1
         confusion += confusion_matrix(targets, logits.detach().argmax(1), num_classes)
+        if last and max_steps is not None and optimizer_steps >= max_steps:
+            break
+    steps = passes
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=device,
                                                                 dtype=torch.float64)]), context)
     all_reduce_sum(confusion, context)

@@ -8,6 +8,7 @@ calls one function here, which writes the stage's outputs):
     errors        FcnError (input problems: one line, exit 1), ParamsError, DataError
     model         FCN8s on a torchvision VGG backbone; ImageNet weights
     checkpoint    the checkpoint schema: save, load, load a model, resume check
+    deploy        stage `deploy`: ONNX export checked against PyTorch with onnxruntime
     metrics       mIoU / Dice / accuracy from confusion matrices (training curves)
     synthetic     a synthetic dataset in the exact Cityscapes layout (the default data)
     device        the device and precision parameters → torch device, dtype, autocast
@@ -29,9 +30,11 @@ calls one function here, which writes the stage's outputs):
         data        dataset, seeded paired augmentation, samplers
         loop        one epoch of training, one validation pass; optimizer, LR, loss
         distributed torchrun launch, process group, exact reductions
-        fit         the run: resume, epochs, checkpoints, DVCLive
+        fit         the run: resume, epochs or iterations, early stopping, checkpoints, DVCLive
+        class_weights  stage `class_weights`: pixel histogram → enet / median-frequency weights
     predict/      stages `evaluate` and `export`: a trained model on whole images
-        predictor   Predictor: batching, mixed precision, flip TTA, streaming
+        predictor   Predictor: whole or sliding windows, multi-scale/flip TTA, OOM fallback
+        cli         `fcn-predict`: a folder of images from anywhere
         evaluate    stage `evaluate`: scores, tables and plots
         export      stage `export`: server-ready predictions, zip, overlays, GIF
         visualize   colors, overlays, panels, heatmap, GIF frames

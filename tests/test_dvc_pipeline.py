@@ -185,7 +185,10 @@ def test_plots_show_writes_curves_class_iou_confusion_and_samples(
     plots = [_plot_sources(p) for p in yaml.safe_load((repo / "dvc.yaml").read_text())
              .get("plots", [])]
     curves = [(n, p) for n, p, files in plots
-              if p.get("x") in ("step", "epoch") and all(f.startswith("metrics/train/") for f in files)]
+              if p.get("x") in ("step", "epoch") and all(f.startswith("metrics/train/") for f in files)
+              and not any("/system/" in f for f in files)]
+    # DVCLive's system monitor samples about once a second, not once per epoch
+    system = [(n, p) for n, p, files in plots if any("/system/" in f for f in files)]
     class_iou = [(n, p) for n, p, files in plots
                  if p.get("template") == "bar_horizontal" and "iou" in n.lower()]
     images = sorted((repo / "dvc_plots" / "static").glob("*")) if (repo / "dvc_plots" / "static").exists() else []
@@ -210,6 +213,11 @@ def test_plots_show_writes_curves_class_iou_confusion_and_samples(
             if rendered:  # one vertex per epoch on every series of the curve
                 assert max(rendered.charts[div]["line_points"], default=0) == EPOCHS, \
                     (name, rendered.charts[div])
+        for name, _ in system:
+            div = Renderer.remove_special_chars(name)
+            assert f'vegaEmbed(\'#{div}\'' in html, name
+            if rendered:
+                assert min(rendered.charts[div]["line_points"], default=0) >= 1, name
     else:
         needed.append("train")
     if "evaluate" in stages(repo):

@@ -34,5 +34,15 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """labelTrainIds masks of the tiny dataset, made once per session (read-only for tests)."""
+    from trainset import write_masks  # trainset imports this module: not at its top
+
+    generated = tmp_path_factory.mktemp("generated")
+    write_masks(tiny_dataset, generated)
+    return generated
+
+
 def with_changes(params, **changes):
     return dataclasses.replace(params, **changes)

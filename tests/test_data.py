@@ -18,14 +18,6 @@ from fcn.train.data import (SeededSampler, SegmentationDataset, ShardSampler, fi
 from fcn.errors import DataError
 from fcn.cityscapes.labels import IGNORE_INDEX
 
-from trainset import write_masks
-
-
-@pytest.fixture(scope="module")
-def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    generated = tmp_path_factory.mktemp("generated")
-    write_masks(tiny_dataset, generated)
-    return generated
 
 
 @pytest.fixture()

@@ -24,18 +24,11 @@ from fcn.model import FCN8s
 from fcn.params import Params, TrainParams, parse_params, sections_dict
 from fcn.train.fit import fit
 
-from trainset import tiny_params, write_masks, write_params
+from trainset import tiny_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "train.py"
 CPU = Context(0, 1, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    generated = tmp_path_factory.mktemp("generated")
-    write_masks(tiny_dataset, generated)
-    return generated
 
 
 def fit_stage(params: Params, live_dir: Path) -> dict:

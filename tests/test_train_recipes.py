@@ -25,16 +25,9 @@ from fcn.train.distributed import Context
 from fcn.train.fit import fit, schedule
 from fcn.train.loop import PassResult, build_optimizer, build_scheduler, train_one_epoch
 
-from trainset import tiny_params, write_masks
+from trainset import tiny_params
 
 CPU = Context(0, 1, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    generated = tmp_path_factory.mktemp("generated")
-    write_masks(tiny_dataset, generated)
-    return generated
 
 
 def run_fit(params: Params, live: Path, **kwargs) -> dict:

@@ -4,6 +4,7 @@ The map (a subpackage per concept; each stage's script in `stages/` parses its a
 calls one function here, which writes the stage's outputs):
 
     params        params.yaml → validated, typed sections; the names parameters may take
+    fields        how a section declares a field; its type/range check and JSON Schema
     cli           what every stage script shares: logging, one-line errors, exit codes
     errors        FcnError (input problems: one line, exit 1), ParamsError, DataError
     model         FCN8s on a torchvision VGG backbone; ImageNet weights

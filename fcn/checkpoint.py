@@ -27,7 +27,7 @@ import torch
 
 from fcn.atomic import atomic_path
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.errors import DataError
+from fcn.errors import DataError, torch_load_problem
 from fcn.model import FCN8s
 from fcn.params import ModelParams, TrainParams, params_hash
 
@@ -163,7 +163,7 @@ def load(path: str | Path, hint: str = "delete it to start training afresh") -> 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is an input error
-        raise DataError(f"{path}: not a readable PyTorch checkpoint ({exc}); {hint}") from None
+        raise DataError(f"{path}: {torch_load_problem(exc)}; {hint}") from None
     missing = [k for k in ("model", "model_params", "num_classes")
                if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:

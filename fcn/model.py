@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from fcn.errors import DataError
+from fcn.errors import DataError, torch_load_problem
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.params import BACKBONES, ModelParams
 
@@ -175,7 +175,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is an input error
-        raise DataError(f"{path}: not a readable PyTorch state dict ({exc})") from None
+        raise DataError(f"{path}: backbone weights: {torch_load_problem(exc)}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -82,19 +82,32 @@ class Pickled:
     """Not a tensor: weights_only=True must refuse to unpickle it."""
 
 
-@pytest.mark.parametrize("content", ["garbage", "not a dict", "pickled object", "no model"])
-def test_unusable_checkpoint_files(tmp_path, content):
+@pytest.mark.parametrize("content, words", [
+    ("garbage", "not a readable PyTorch checkpoint"),
+    ("truncated", "truncated or damaged: not a complete PyTorch file"),
+    ("not a dict", "not a training checkpoint"),
+    ("pickled object", "refused: it holds a pickled Python object (test_inference.Pickled), "
+                       "which weights-only loading never runs"),
+    ("no model", "not a training checkpoint"),
+])
+def test_unusable_checkpoint_files_are_refused_in_one_line(tmp_path, model, content, words):
     path = tmp_path / "best.pt"
     if content == "garbage":
         path.write_bytes(b"\x00" * 100)
+    elif content == "truncated":
+        torch.save({"model": model.state_dict(), "model_params": {}, "num_classes": 19}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif content == "not a dict":
         torch.save(torch.zeros(3), path)
     elif content == "pickled object":
         torch.save({"model": Pickled(), "model_params": {}, "num_classes": 19}, path)
     else:
         torch.save({"epoch": 1}, path)
-    with pytest.raises(DataError, match=r"best\.pt: not a"):
+    with pytest.raises(DataError) as error:
         load_model(path, ModelParams())
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and words in message, message
+    assert "\n" not in message and "weights_only" not in message and len(message) < 400
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

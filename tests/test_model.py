@@ -95,3 +95,18 @@ def test_missing_imagenet_file_gives_the_clear_error(tmp_path, monkeypatch):
 def test_missing_weights_path_names_the_file(tmp_path):
     with pytest.raises(DataError, match="nowhere.pth"):
         build_model(ModelParams(weights=str(tmp_path / "nowhere.pth")))
+
+
+class _Code:
+    """Not a tensor: weights-only loading must refuse to unpickle it."""
+
+
+def test_backbone_weights_with_pickled_code_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "vgg.pth"
+    torch.save({"features.0.weight": _Code()}, path)
+    with pytest.raises(DataError) as error:
+        build_model(ModelParams(weights=str(path)))
+    message = str(error.value)
+    assert message.startswith(f"{path}: backbone weights: refused: it holds a pickled Python "
+                              "object (test_model._Code)")
+    assert "\n" not in message and "weights_only" not in message

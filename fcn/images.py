@@ -5,6 +5,14 @@ Every reader names the file and what it was expected to be ("image", "prediction
 one `<path>: cannot read <what> (<reason>)`. Label PNGs go through `fcn.png`'s fast reader
 (identical arrays to PIL), photos through PIL, training images through torchvision's decoder,
 which returns the CHW tensor the transforms want.
+
+Every reader takes `max_pixels` (the `data.max_pixels` parameter; default MAX_PIXELS) and
+checks the width x height in the file's header against it before a pixel is decoded: a
+20-byte header can claim 200000x200000 pixels, and decoding it would allocate 40 GB before
+anything else noticed. PNG headers are parsed here (`fcn.png.png_size`, the first 33 bytes),
+so PIL never opens an oversize PNG; other formats are checked on PIL's lazily opened image,
+which has read only its header. PIL's own decompression-bomb guard (a fixed ~179 M pixels) is
+mapped to the same one-line error.
 """
 
 from __future__ import annotations
@@ -13,17 +21,25 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 from PIL import Image
 
 from fcn.atomic import atomic_path, write_bytes
 from fcn.errors import DataError
-from fcn.png import encode_png, read_png_array
+from fcn.png import HEADER_BYTES, decode_png_array, encode_png, png_size
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: the masks stage never needs it
     import torch
+
+MAX_PIXELS: Final = 2**26
+"""The default of every reader's `max_pixels` and of `data.max_pixels` (fcn.params, which
+does not import this module; tests hold the two equal): 67 M pixels, 32 Cityscapes frames
+(2048x1024). At the limit one masks-stage worker peaks near 1.1 GB (rendering and encoding
+all four encodings takes about 17 bytes per pixel); whole-image inference needs far more, which
+slide mode bounds."""
+
 
 @contextlib.contextmanager
 def reading(path: str | Path, what: str) -> Iterator[None]:
@@ -32,20 +48,55 @@ def reading(path: str | Path, what: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
-    except (OSError, ValueError, SyntaxError, RuntimeError) as exc:
+    except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read {what} ({exc})") from None
 
 
-def read_rgb(path: str | Path, what: str = "image") -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3)."""
-    with reading(path, what), Image.open(path) as image:
+def check_pixels(path: str | Path, what: str, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse a (width, height) read from `path` whose area exceeds `max_pixels`: call it
+    before allocating anything that scales with the size (the one place this rule lives)."""
+    width, height = size
+    if width * height > max_pixels:
+        raise DataError(f"{path}: {what} is {width}x{height} ({width * height} pixels), more "
+                        f"than the limit of {max_pixels} pixels (data.max_pixels)")
+
+
+@contextlib.contextmanager
+def _open_image(path: str | Path, what: str, max_pixels: int) -> Iterator[Image.Image]:
+    """PIL's lazily opened image (header read, no pixel decoded yet), its size checked; the
+    block's read errors become one DataError line too."""
+    with reading(path, what):
+        with open(path, "rb") as file:
+            size = png_size(file.read(HEADER_BYTES))
+        if size is not None:  # a PNG: checked before PIL (and its bomb guard) sees it
+            check_pixels(path, what, size, max_pixels)
+        with Image.open(path) as image:
+            check_pixels(path, what, image.size, max_pixels)
+            yield image
+
+
+def read_rgb(path: str | Path, what: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3); refused above `max_pixels` before decoding."""
+    with _open_image(path, what, max_pixels) as image:
         return np.asarray(image.convert("RGB"))
 
 
-def read_labels(path: str | Path, what: str) -> np.ndarray:
-    """A single-channel label PNG as an integer array (H, W)."""
+def read_labels(path: str | Path, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A single-channel label PNG as an integer array (H, W); refused above `max_pixels`
+    before decoding."""
     with reading(path, what):
-        array, mode = read_png_array(path)
+        with open(path, "rb") as file:
+            head = file.read(HEADER_BYTES)
+            size = png_size(head)
+            if size is not None:
+                check_pixels(path, what, size, max_pixels)
+                data = head + file.read()
+        if size is None:  # not a PNG: PIL reads it, once its header's size has passed
+            with Image.open(path) as image:
+                check_pixels(path, what, image.size, max_pixels)
+                array, mode = np.asarray(image), image.mode
+        else:
+            array, mode = decode_png_array(data)
     if array.ndim != 2:
         raise DataError(f"{path}: {what} has {array.shape[-1]} channels (mode {mode}); expected "
                         "one channel of label ids")
@@ -56,20 +107,26 @@ def read_labels(path: str | Path, what: str) -> np.ndarray:
     return array
 
 
-def read_rgba(path: str | Path, what: str) -> np.ndarray:
-    """An image file as uint8 RGBA (H, W, 4) (color masks)."""
-    with reading(path, what), Image.open(path) as image:
+def read_rgba(path: str | Path, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An image file as uint8 RGBA (H, W, 4) (color masks); refused above `max_pixels`
+    before decoding."""
+    with _open_image(path, what, max_pixels) as image:
         return np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
 
 
-def read_size(path: str | Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
-    with reading(path, what), Image.open(path) as image:
+def read_size(path: str | Path, what: str = "image",
+              max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels; a file that does
+    not open as an image, or is larger than `max_pixels`, is a DataError (the cheap check of
+    every input before work)."""
+    with _open_image(path, what, max_pixels) as image:
         return image.size
 
 
-def read_tensor(path: str | Path, channels: int, what: str = "image") -> torch.Tensor:
-    """uint8[channels, H, W] of a PNG file (torchvision's decoder; 3 = RGB, 1 = grey).
+def read_tensor(path: str | Path, channels: int, what: str = "image",
+                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """uint8[channels, H, W] of a PNG file (torchvision's decoder; 3 = RGB, 1 = grey);
+    refused above `max_pixels` before decoding.
 
     torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, which is not a
     dependency here; the warning is silenced at this one call until we switch.
@@ -79,7 +136,11 @@ def read_tensor(path: str | Path, channels: int, what: str = "image") -> torch.T
     mode = {3: ImageReadMode.RGB, 1: ImageReadMode.GRAY}[channels]
     with reading(path, what), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        return decode_png(read_file(str(path)), mode=mode)
+        data = read_file(str(path))
+        size = png_size(data[:HEADER_BYTES].numpy().tobytes())
+        if size is not None:  # not a PNG: decode_png refuses it
+            check_pixels(path, what, size, max_pixels)
+        return decode_png(data, mode=mode)
 
 
 def write_png(path: str | Path, array: np.ndarray, compress_level: int = 6) -> None:

@@ -52,6 +52,9 @@ Split = Literal[SPLITS]  # type: ignore[valid-type]
 class DataParams:
     root: str = _p("data/synthetic", help="dataset root in the official Cityscapes layout")
     generated: str = _p("data/generated", help="where generated masks are written")
+    max_pixels: int = _p(2**26, ge=1, help="largest width x height accepted from any file "
+                         "(annotation, image or mask header, prediction), checked before "
+                         "anything that size is allocated (2**26: 32 Cityscapes frames)")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ valid PNG reads, and reads identically. `benchmarks/masks_speed.py` and
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -116,9 +117,35 @@ def _unfilter(rows: np.ndarray, bytes_per_pixel: int) -> np.ndarray | None:
     return out
 
 
+HEADER_BYTES = len(SIGNATURE) + 8 + 13 + 4
+"""The signature and the IHDR chunk, which the PNG standard puts first: all `png_size` needs."""
+
+
+def png_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the IHDR chunk at the start of `head` (the file's first
+    HEADER_BYTES bytes or more); None when `head` is not a PNG. Decodes nothing, so callers
+    can check the size before anything that scales with it is allocated."""
+    if not head.startswith(SIGNATURE):
+        return None
+    if len(head) < HEADER_BYTES or head[12:16] != b"IHDR":
+        raise PngError("truncated file or missing IHDR chunk")
+    (length,) = struct.unpack_from(">I", head, 8)
+    if length != 13:
+        raise PngError(f"malformed IHDR chunk ({length} bytes, 13 expected)")
+    if zlib.crc32(head[12:29]) != struct.unpack_from(">I", head, 29)[0]:
+        raise PngError("broken data stream: CRC error in IHDR chunk")
+    width, height = struct.unpack_from(">II", head, 16)
+    return width, height
+
+
 def _decode_fast(data: bytes) -> tuple[np.ndarray, str] | None:
     """uint8/uint16 (H, W) for non-interlaced 8-bit grey/palette or 16-bit grey PNGs with
-    None/Sub/Up filters, with its mode; None when the file needs the general decoder."""
+    None/Sub/Up filters, with its mode; None when the file needs the general decoder.
+
+    The image data is inflated to at most the size the header declares (plus one byte, to
+    detect more): a small file whose data inflates to gigabytes (a "zip bomb") is refused
+    without that memory being allocated.
+    """
     header, idat = _chunks(data)
     if len(header) != 13:
         raise PngError("missing or malformed IHDR chunk")
@@ -127,13 +154,20 @@ def _decode_fast(data: bytes) -> tuple[np.ndarray, str] | None:
                          or (color == _GREY and depth == 16)):
         return None
     bytes_per_pixel = depth // 8
+    stride = 1 + width * bytes_per_pixel
+    expected = height * stride
+    inflater = isal_zlib.decompressobj()
     try:
-        raw = isal_zlib.decompress(b"".join(idat))
+        raw = inflater.decompress(b"".join(idat), expected + 1)
     except Exception as exc:  # noqa: BLE001 - isal and zlib raise different types
         raise PngError(f"broken data stream ({exc})") from None
-    stride = 1 + width * bytes_per_pixel
-    if len(raw) != height * stride:
+    if len(raw) > expected:
+        raise PngError(f"image data inflates to more than the {height}x{stride} bytes its "
+                       "header declares")
+    if len(raw) != expected:
         raise PngError(f"image data has {len(raw)} bytes, {height}x{stride} expected")
+    if not inflater.eof:
+        raise PngError("broken data stream (incomplete or truncated)")
     pixels = _unfilter(np.frombuffer(raw, np.uint8).reshape(height, stride), bytes_per_pixel)
     if pixels is None:
         return None
@@ -142,17 +176,23 @@ def _decode_fast(data: bytes) -> tuple[np.ndarray, str] | None:
     return pixels, ("P" if color == _PALETTE else "L")
 
 
-def read_png_array(path: str | Path) -> tuple[np.ndarray, str]:
-    """The pixel array of an image file and its PIL-style mode ('L', 'P', 'I;16' on the fast
-    path). Single-channel label PNGs take the fast path; anything else goes through PIL, so
-    the array always equals `np.asarray(Image.open(path))`.
+def decode_png_array(data: bytes) -> tuple[np.ndarray, str]:
+    """The pixel array of an image file's bytes and its PIL-style mode ('L', 'P', 'I;16' on
+    the fast path). Single-channel label PNGs take the fast path; anything else goes through
+    PIL, so the array always equals `np.asarray(Image.open(file))`. The image's size is not
+    checked here: `fcn.images.read_labels` checks it (`png_size`) before calling this.
 
-    Raises FileNotFoundError, or OSError/ValueError for files that are not readable images.
+    Raises OSError/ValueError for bytes that are not a readable image.
     """
-    data = Path(path).read_bytes()
     if data.startswith(SIGNATURE):
         decoded = _decode_fast(data)
         if decoded is not None:
             return decoded
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image), image.mode
+
+
+def read_png_array(path: str | Path) -> tuple[np.ndarray, str]:
+    """`decode_png_array` of a file. Raises FileNotFoundError, or OSError/ValueError for files
+    that are not readable images."""
+    return decode_png_array(Path(path).read_bytes())

@@ -27,7 +27,8 @@ def main() -> None:
     params = load_params(args.params)
     evaluate_stage(params.data.root, params.data.generated, params.model, params.evaluate,
                    ReportPaths(args.metrics, args.tables, args.plots),
-                   args.checkpoint or best_path(params.train.out), args.predictions)
+                   args.checkpoint or best_path(params.train.out), args.predictions,
+                   params.data.max_pixels)
 
 
 if __name__ == "__main__":

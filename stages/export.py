@@ -3,6 +3,8 @@
 `--images DIR --out DIR` instead predicts any folder of images (outside the dataset too):
 `<out>/<relative path>/<name>_labelIds.png` and `<name>_overlay.png` per image; --mode,
 --window, --stride, --scales, --flip … override the export section for that (as fcn-predict).
+Every image is checked (opens, at most data.max_pixels) before any work, and --out is replaced
+whole once every prediction is written: a failure leaves the previous folder as it was.
 """
 
 from pathlib import Path
@@ -36,10 +38,12 @@ def main() -> None:
                        "export stage reads params.yaml (e.g. dvc exp run -S export.mode=slide)")
     checkpoint = args.checkpoint or best_path(params.train.out)
     if args.images is not None:
-        predict_folder_stage(checkpoint, params.model, overrides, args.images, args.out)
+        predict_folder_stage(checkpoint, params.model, overrides, args.images, args.out,
+                             params.data.max_pixels)
     else:
         export_stage(checkpoint, params.data.root, params.model, params.export,
-                     ExportPaths(args.out or Path(params.export.out), args.split))
+                     ExportPaths(args.out or Path(params.export.out), args.split),
+                     params.data.max_pixels)
 
 
 if __name__ == "__main__":

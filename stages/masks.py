@@ -14,7 +14,7 @@ def main() -> None:
     params = load_params(args.params)
     m = params.masks
     masks_stage(params.data.root, params.data.generated, m.encodings, m.splits, m.workers,
-                m.worst, m.figure_images, args.metrics, args.plots)
+                m.worst, m.figure_images, args.metrics, args.plots, params.data.max_pixels)
 
 
 if __name__ == "__main__":

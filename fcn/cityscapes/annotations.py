@@ -10,6 +10,10 @@ PIL raises on it, cityscapesScripts crashes. Deleted and negative-id objects are
 by either, so their point count does not matter. Coordinates must be finite numbers with
 |value| < 2**30: PIL truncates them to C ints and subtracts them, so larger ones overflow
 (undefined behaviour, not a drawing).
+
+A file larger than MAX_ANNOTATION_BYTES is refused before it is read: parsed JSON takes ten
+times its size or more in Python objects. imgWidth x imgHeight is checked against the pixel
+limit by the masks stage, which allocates it (fcn.masks.generate).
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class Annotation:
 
 MAX_COORDINATE = 2**30
 """Vertices must satisfy |x|, |y| < MAX_COORDINATE (see the module docstring)."""
+
+MAX_ANNOTATION_BYTES = 2**24
+"""16 MiB: real gtFine polygon files are tens of KB (all 5,000 of them ship, masks included,
+in a 241 MB zip), so this is far above any real one yet keeps parsing to a few hundred MB."""
 
 
 _JSON_NUMBERS = frozenset((int, float))  # exact types: bool, a subclass of int, is no number
@@ -102,13 +110,21 @@ def parse_annotation(data: Any, source: str) -> Annotation:
 
 
 def read_annotation(path: str | Path) -> Annotation:
+    """Read and validate a polygons file (at most MAX_ANNOTATION_BYTES)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            raw = file.read(MAX_ANNOTATION_BYTES + 1)
+        if len(raw) > MAX_ANNOTATION_BYTES:
+            raise DataError(f"{path}: annotation file is larger than {MAX_ANNOTATION_BYTES} "
+                            "bytes (real polygon files are tens of KB); refusing to parse it")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: malformed JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed JSON: nested too deeply") from None
     return parse_annotation(data, str(path))

@@ -20,6 +20,7 @@ Pixel accuracy and Dice come from the same matrix through `fcn.metrics`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from fcn.cityscapes.labels import CATEGORIES, EVAL_LABELS, ID_TO_LABEL, LABELS, 
 from fcn.cityscapes.layout import PREDICTION_PATTERN, mask_path, stem_of
 from fcn.metrics import class_scores
 from fcn.threads import read_ahead
-from fcn.images import read_labels
+from fcn.images import MAX_PIXELS, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -388,23 +389,25 @@ def match_predictions(folder: str | Path, label_files: Sequence[Path]) -> list[P
     return predictions
 
 
-def _load(files: EvalFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    prediction = read_labels(files.prediction, "prediction")
-    labels = read_labels(files.labels, "ground-truth labelIds")
-    instances = (read_labels(files.instances, "ground-truth instanceIds")
+def _load(files: EvalFiles, max_pixels: int = MAX_PIXELS
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    prediction = read_labels(files.prediction, "prediction", max_pixels)
+    labels = read_labels(files.labels, "ground-truth labelIds", max_pixels)
+    instances = (read_labels(files.instances, "ground-truth instanceIds", max_pixels)
                  if files.instances is not None else None)
     return prediction, labels, instances
 
 
 def evaluate_files(files: Sequence[EvalFiles], instance_scores: bool = True,
-                   workers: int = 2) -> CityscapesScores:
-    """Score prediction PNGs against ground-truth PNGs (files decoded `workers` at a time)."""
+                   workers: int = 2, max_pixels: int = MAX_PIXELS) -> CityscapesScores:
+    """Score prediction PNGs against ground-truth PNGs (files decoded `workers` at a time;
+    each refused above `max_pixels` pixels from its header, before decoding)."""
     if instance_scores and any(f.instances is None for f in files):
         raise ValueError("instance scores are on: every item needs its instanceIds file")
     require_files([p for f in files for p in (f.prediction, f.labels, f.instances)
                    if p is not None], "input")
     evaluator = CityscapesEvaluator(instance_scores)
-    stream = read_ahead(_load, files, workers=workers)
+    stream = read_ahead(functools.partial(_load, max_pixels=max_pixels), files, workers=workers)
     for item, (prediction, labels, instances) in tqdm(stream, total=len(files), desc="evaluate",
                                                       unit="img", leave=False):
         evaluator.add(prediction, labels, instances,

@@ -24,7 +24,7 @@ from fcn.atomic import atomic_path, write_text
 from fcn.cityscapes.labels import ID_TO_COLOR, TRAINID_TO_COLOR
 from fcn.cityscapes.layout import ENCODINGS
 from fcn.errors import DataError
-from fcn.images import read_labels, read_rgba
+from fcn.images import MAX_PIXELS, read_labels, read_rgba
 
 @dataclass(frozen=True)
 class ImageResult:
@@ -48,10 +48,12 @@ class ImageResult:
         return min((self.agreement(e) for e in self.differing), default=1.0)
 
 
-def read_shipped(path: str | Path, encoding: str) -> np.ndarray:
-    """A shipped mask as an array comparable with ours: color as RGBA, the rest one channel."""
+def read_shipped(path: str | Path, encoding: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A shipped mask as an array comparable with ours: color as RGBA, the rest one channel
+    (refused above `max_pixels` before decoding)."""
     what = f"shipped {encoding}"
-    return read_rgba(path, what) if encoding == "color" else read_labels(path, what)
+    return (read_rgba(path, what, max_pixels) if encoding == "color"
+            else read_labels(path, what, max_pixels))
 
 
 def difference(ours: np.ndarray, shipped: np.ndarray, path: str | Path) -> np.ndarray:

@@ -4,6 +4,11 @@ processes, compare with shipped masks, and replace the output folder only once c
 The output is each mask at `layout.mask_path(generated, …)`, the official
 layout under another root, so the files shipped with the dataset are never touched: a
 generated root that overlaps the dataset's shipped folders is refused before any work.
+
+Every annotation's imgWidth x imgHeight is checked before it is rendered: against the pixel
+limit (`max_pixels`, data.max_pixels), and against its image's size read from the image's
+header, so a hostile or mismatched annotation stops the stage with one line naming both files
+and both sizes, instead of allocating whatever the JSON claims.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from tqdm import tqdm
 
 from fcn.atomic import atomic_dir, write_json
 from fcn.cityscapes import layout
-from fcn.cityscapes.annotations import read_annotation
+from fcn.cityscapes.annotations import Annotation, read_annotation
 from fcn.cityscapes.layout import ENCODINGS
 from fcn.errors import DataError
+from fcn.images import MAX_PIXELS, check_pixels, read_size
 from fcn.masks.agreement import (ImageResult, difference, figure, read_shipped, summarize,
                                  worst_images, worst_report, write_table)
 from fcn.masks.render import render, write_masks
@@ -37,6 +43,7 @@ class Item:
     split: str
     stem: str
     polygons: Path
+    image: Path
 
 
 def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
@@ -48,7 +55,7 @@ def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
             image = layout.image_path(root, split, stem)
             if not image.is_file():
                 raise DataError(f"{path}: no matching image {image}")
-            items.append(Item(split, stem, path))
+            items.append(Item(split, stem, path, image))
     return items
 
 
@@ -74,17 +81,30 @@ def _foreign_files(generated: Path) -> Iterator[Path]:
             yield path
 
 
-def _process(task: tuple[Item, Path, Path, tuple[str, ...]]) -> ImageResult:
-    """Worker: parse once, render once, write the requested encodings, compare shipped ones."""
-    item, root, out, encodings = task
+def check_size(annotation: Annotation, item: Item, max_pixels: int) -> None:
+    """Refuse an annotation larger than `max_pixels` (before rendering allocates its
+    imgWidth x imgHeight) or whose size differs from its image's (read from the header)."""
+    size = (annotation.width, annotation.height)
+    check_pixels(item.polygons, "annotation", size, max_pixels)
+    image_size = read_size(item.image, "image", max_pixels)
+    if image_size != size:
+        raise DataError(f"{item.polygons}: annotation is {size[0]}x{size[1]} but its image "
+                        f"{item.image} is {image_size[0]}x{image_size[1]} (width x height)")
+
+
+def _process(task: tuple[Item, Path, Path, tuple[str, ...], int]) -> ImageResult:
+    """Worker: parse once, check the size, render once, write the requested encodings,
+    compare shipped ones."""
+    item, root, out, encodings, max_pixels = task
     annotation = read_annotation(item.polygons)
+    check_size(annotation, item, max_pixels)
     shipped = {e: layout.mask_path(root, item.split, item.stem, e) for e in ENCODINGS}
     shipped = {e: p for e, p in shipped.items() if p.is_file()}
     needed = [e for e in ENCODINGS if e in encodings or e in shipped]
     masks = render(annotation, needed, source=str(item.polygons))
     write_masks(masks, {e: layout.mask_path(out, item.split, item.stem, e) for e in encodings},
                 atomic=False)  # `out` is atomic_dir's private folder, swapped in when complete
-    differing = {e: int(difference(masks[e], read_shipped(p, e), p).sum())
+    differing = {e: int(difference(masks[e], read_shipped(p, e, max_pixels), p).sum())
                  for e, p in shipped.items()}
     return ImageResult(item.split, item.stem, len(annotation.objects),
                        annotation.width * annotation.height, differing)
@@ -96,10 +116,11 @@ def _chunksize(n: int, workers: int) -> int:
 
 
 def render_all(items: Sequence[Item], root: str | Path, out: str | Path,
-               encodings: Sequence[str], workers: int) -> list[ImageResult]:
+               encodings: Sequence[str], workers: int,
+               max_pixels: int = MAX_PIXELS) -> list[ImageResult]:
     """Render and write every item under `out` (workers processes); results in item order."""
     root, out = Path(root), Path(out)
-    tasks = [(item, root, out, tuple(encodings)) for item in items]
+    tasks = [(item, root, out, tuple(encodings), max_pixels) for item in items]
     bar = tqdm(total=len(tasks), desc="masks", unit="img")
     results: dict[tuple[str, str], ImageResult] = {}
     try:
@@ -121,11 +142,13 @@ def render_all(items: Sequence[Item], root: str | Path, out: str | Path,
 
 
 def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
-             splits: Sequence[str], workers: int) -> list[ImageResult]:
+             splits: Sequence[str], workers: int,
+             max_pixels: int = MAX_PIXELS) -> list[ImageResult]:
     """Write the masks of every annotation of `splits` under `generated`, replacing it whole.
 
     The masks are written to a temporary folder beside `generated` and swapped in only once
-    all are done (fcn.atomic.atomic_dir); on any error `generated` is left as it was.
+    all are done (fcn.atomic.atomic_dir); on any error (an annotation above `max_pixels`
+    pixels or of another size than its image, say) `generated` is left as it was.
     """
     root, generated = Path(root), Path(generated)
     check_output_root(root, generated)
@@ -138,7 +161,7 @@ def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
     items = find_annotations(root, splits)
     start = time.perf_counter()
     with atomic_dir(generated) as out:
-        results = render_all(items, root, out, encodings, workers)
+        results = render_all(items, root, out, encodings, workers, max_pixels)
     seconds = time.perf_counter() - start
     log.info("rendered %d annotations (%s) into %s in %.1f s (%.1f images/s, %d workers)",
              len(items), ", ".join(encodings), generated, seconds, len(items) / seconds, workers)
@@ -146,7 +169,7 @@ def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
 
 
 def agreement_figure(path: str | Path, root: str | Path, results: Sequence[ImageResult],
-                     count: int) -> bool:
+                     count: int, max_pixels: int = MAX_PIXELS) -> bool:
     """Draw provided | generated | difference for the `count` least agreeing images.
 
     Returns False (and writes nothing) when no image has shipped masks or count is 0.
@@ -160,7 +183,7 @@ def agreement_figure(path: str | Path, root: str | Path, results: Sequence[Image
         polygons = layout.polygons_path(root, r.split, r.stem)
         shipped = {e: layout.mask_path(root, r.split, r.stem, e) for e in r.differing}
         masks = render(read_annotation(polygons), list(shipped), source=str(polygons))
-        provided = {e: read_shipped(p, e) for e, p in shipped.items()}
+        provided = {e: read_shipped(p, e, max_pixels) for e, p in shipped.items()}
         display = next(e for e in ("color", "labelIds", "instanceIds", "labelTrainIds")
                        if e in shipped)
         rows.append((r.name, display, provided[display], masks[display],
@@ -171,7 +194,8 @@ def agreement_figure(path: str | Path, root: str | Path, results: Sequence[Image
 
 def masks_stage(root: str | Path, generated: str | Path, encodings: Sequence[str],
                 splits: Sequence[str], workers: int, worst: int, figure_images: int,
-                metrics: str | Path, plots: str | Path) -> dict[str, Any]:
+                metrics: str | Path, plots: str | Path,
+                max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """The masks stage: generate every mask, then write the agreement report.
 
     Outputs: the masks under `generated`; `metrics` (counts and agreement per shipped encoding);
@@ -179,13 +203,13 @@ def masks_stage(root: str | Path, generated: str | Path, encodings: Sequence[str
     and agreement.png (`figure_images` of them; removed when there is nothing to compare, so
     no stale figure of another run stays). Returns the metrics.
     """
-    results = generate(root, generated, encodings, splits, workers)
+    results = generate(root, generated, encodings, splits, workers, max_pixels)
     report = summarize(results, encodings)
     plots = Path(plots)
     write_table(plots / "agreement.csv", results)
     write_json(plots / "worst.json", worst_report(results, worst))
     figure_path = plots / "agreement.png"
-    if not agreement_figure(figure_path, root, results, figure_images):
+    if not agreement_figure(figure_path, root, results, figure_images, max_pixels):
         figure_path.unlink(missing_ok=True)
     write_json(metrics, report)
     if report["agreement"] is None:

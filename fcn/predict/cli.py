@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fcn.cli import run_stage
-from fcn.params import DEVICES, PRECISIONS, ExportParams, default_params_dict, parse_params
+from fcn.params import (DEVICES, PRECISIONS, DataParams, ExportParams, default_params_dict,
+                        parse_params)
 from fcn.predict.export import predict_folder_stage
 
 
@@ -53,12 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", type=Path, help="folder of .png/.jpg/.jpeg images (recursive)")
     parser.add_argument("out", type=Path, help="where <name>_labelIds.png and _overlay.png go")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint")
+    parser.add_argument("--max-pixels", type=int, default=DataParams().max_pixels,
+                        help="refuse images larger than this many pixels, checked from every "
+                             "header before any work (data.max_pixels; default %(default)s)")
     add_inference_arguments(parser)
     args = parser.parse_args(argv)
 
     def predict() -> None:
         params = with_overrides(ExportParams(), args)
-        predict_folder_stage(args.checkpoint, None, params, args.images, args.out)
+        raw = default_params_dict()
+        raw["data"]["max_pixels"] = args.max_pixels
+        max_pixels = parse_params(raw, "command line").data.max_pixels  # its range, as in yaml
+        predict_folder_stage(args.checkpoint, None, params, args.images, args.out, max_pixels)
 
     run_stage(predict)
 

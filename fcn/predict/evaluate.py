@@ -24,7 +24,7 @@ from fcn.cityscapes.labels import EVAL_LABELS, ID_TO_TRAINID, TRAINID_TO_ID
 from fcn.cityscapes.layout import list_images, stem_of
 from fcn.cityscapes.scoring import (CityscapesEvaluator, CityscapesScores, EvalFiles,
                                     evaluate_files, ground_truth_files, match_predictions)
-from fcn.images import read_labels, read_rgb, write_png
+from fcn.images import MAX_PIXELS, read_labels, read_rgb, write_png
 from fcn.params import EvaluateParams, ModelParams
 from fcn.predict.predictor import Predictor, predict_stream
 from fcn.predict.visualize import confusion_heatmap, sample_panel, spread
@@ -61,21 +61,24 @@ class ReportPaths:
 
 def evaluate_stage(root: str | Path, generated: str | Path, model: ModelParams,
                    params: EvaluateParams, paths: ReportPaths, checkpoint: str | Path,
-                   predictions: str | Path | None = None) -> CityscapesScores:
+                   predictions: str | Path | None = None,
+                   max_pixels: int = MAX_PIXELS) -> CityscapesScores:
     """The evaluate stage: score the model of `checkpoint` on val (or, given `predictions`,
-    the label-id PNGs under that folder instead) and write the report to `paths`."""
+    the label-id PNGs under that folder instead) and write the report to `paths`. Every file
+    read (image, ground truth, prediction) is refused above `max_pixels` before decoding."""
     truth_root = Path(generated if params.ground_truth == "generated" else root)
     if predictions is not None:
-        scores, panels = evaluate_exported(predictions, root, truth_root, params)
+        scores, panels = evaluate_exported(predictions, root, truth_root, params, max_pixels)
     else:
         predictor = Predictor.from_params(checkpoint, model, params)
-        scores, panels = evaluate_model(predictor, root, truth_root, params)
+        scores, panels = evaluate_model(predictor, root, truth_root, params, max_pixels)
     write_report(scores, panels, paths)
     return scores
 
 
 def evaluate_model(predictor: Predictor, root: str | Path, truth_root: str | Path,
-                   params: EvaluateParams) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
+                   params: EvaluateParams, max_pixels: int = MAX_PIXELS
+                   ) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
     """Predict every val image under `root`, score it against the ground truth under
     `truth_root` (generated masks, or the ones shipped with the dataset); also the panels."""
     images = list_images(root, SPLIT)
@@ -86,8 +89,9 @@ def evaluate_model(predictor: Predictor, root: str | Path, truth_root: str | Pat
 
     def load(item: tuple[Path, tuple[Path, Path | None]]):
         image, (labels, instances) = item
-        return read_rgb(image), (read_labels(labels, "ground-truth labelIds"),
-                                 read_labels(instances, "ground-truth instanceIds"))
+        return read_rgb(image, "image", max_pixels), (
+            read_labels(labels, "ground-truth labelIds", max_pixels),
+            read_labels(instances, "ground-truth instanceIds", max_pixels))
 
     evaluator = CityscapesEvaluator(instance_scores=True)
     panels: dict[str, np.ndarray] = {}
@@ -104,20 +108,23 @@ def evaluate_model(predictor: Predictor, root: str | Path, truth_root: str | Pat
 
 
 def evaluate_exported(predictions: str | Path, root: str | Path, truth_root: str | Path,
-                      params: EvaluateParams) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
+                      params: EvaluateParams, max_pixels: int = MAX_PIXELS
+                      ) -> tuple[CityscapesScores, dict[str, np.ndarray]]:
     """Score label-id PNGs under `predictions` (one `<city>_<seq>_<frame>*.png` per val image)."""
     images = list_images(root, SPLIT)
     stems = [stem_of(p) for p in images]
     truth = ground_truth_files(truth_root, SPLIT, stems)
     found = match_predictions(predictions, [labels for labels, _ in truth])
     files = [EvalFiles(p, labels, instances) for p, (labels, instances) in zip(found, truth)]
-    scores = evaluate_files(files, instance_scores=True, workers=params.workers)
+    scores = evaluate_files(files, instance_scores=True, workers=params.workers,
+                            max_pixels=max_pixels)
     panels = {}
     for i in spread(len(files), params.samples):
-        predicted_ids = read_labels(files[i].prediction, "prediction")
-        panels[stems[i]] = sample_panel(read_rgb(images[i]),
-                                        read_labels(files[i].labels, "ground-truth labelIds"),
-                                        ID_TO_TRAINID[predicted_ids], params.sample_width)
+        predicted_ids = read_labels(files[i].prediction, "prediction", max_pixels)
+        panels[stems[i]] = sample_panel(
+            read_rgb(images[i], "image", max_pixels),
+            read_labels(files[i].labels, "ground-truth labelIds", max_pixels),
+            ID_TO_TRAINID[predicted_ids], params.sample_width)
     return scores, panels
 
 

@@ -7,13 +7,21 @@ matches; each file must be a single-channel uint8 PNG of label **ids** (not trai
 image's size. We name each prediction like its image (`layout.submission_name`), under
 `<city>/`, and the zip holds exactly those files: one per image, nothing else. Overlays are
 named `overlay_<stem>.png`, so even a search over the whole export folder finds one match.
+
+Check before work, and atomic output: every input image's header is read first (it opens, and
+its size is within `max_pixels`), so a bad file anywhere fails the run before anything is
+written (and, predicting a folder, before the model is loaded); and output folders are built
+beside their final place and swapped in whole (fcn.atomic.atomic_dir), so a failure found only
+while decoding (a file truncated after a valid header) leaves the previous outputs, or none,
+never half of a new set.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +32,7 @@ from fcn.atomic import atomic_dir, atomic_path
 from fcn.cityscapes.labels import TRAINID_TO_ID
 from fcn.cityscapes.layout import list_images, stem_of, submission_name
 from fcn.errors import DataError
-from fcn.images import read_rgb, write_label_png, write_png
+from fcn.images import MAX_PIXELS, read_rgb, read_size, write_label_png, write_png
 from fcn.params import ExportParams, ModelParams
 from fcn.predict.predictor import Predictor, predict_stream
 from fcn.predict.visualize import blend, colorize, resize_to_width, spread, write_gif
@@ -33,6 +41,8 @@ from fcn.threads import WriteBehind
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+FOLDER_SUFFIXES = ("_labelIds.png", "_overlay.png")
+"""What `predict_folder` writes per image: `<name>_labelIds.png` and `<name>_overlay.png`."""
 
 
 @dataclass(frozen=True)
@@ -59,37 +69,51 @@ class ExportPaths:
         return self.root / "val_predictions.gif"
 
 
-def _load(path: Path) -> tuple[np.ndarray, None]:
-    return read_rgb(path), None
+def _load(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, None]:
+    return read_rgb(path, "image", max_pixels), None
+
+
+def check_images(images: Sequence[Path], max_pixels: int) -> None:
+    """Every image's header: it opens as an image and is at most `max_pixels` pixels (a
+    DataError naming the first that is not). Reads headers only, decodes nothing."""
+    for image in images:
+        read_size(image, "image", max_pixels)
 
 
 def export_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
-                 params: ExportParams, paths: ExportPaths) -> int:
+                 params: ExportParams, paths: ExportPaths, max_pixels: int = MAX_PIXELS) -> int:
     """The export stage: the split's server-ready predictions, zip and overlays, and the val
-    GIF; returns the number of images exported."""
+    GIF; returns the number of images exported. Images above `max_pixels` are refused."""
     predictor = Predictor.from_params(checkpoint, model, params)
-    count = export_split(predictor, root, paths, params)
-    export_gif(predictor, root, paths.gif, params)
+    count = export_split(predictor, root, paths, params, max_pixels)
+    export_gif(predictor, root, paths.gif, params, max_pixels)
     return count
 
 
 def predict_folder_stage(checkpoint: str | Path, model: ModelParams | None,
-                         params: ExportParams, images: str | Path, out: str | Path) -> int:
+                         params: ExportParams, images: str | Path, out: str | Path,
+                         max_pixels: int = MAX_PIXELS) -> int:
     """`stages/export.py --images` and `fcn-predict`: predict every image under `images` into
-    `out` (model None: as the checkpoint describes itself)."""
-    return predict_folder(Predictor.from_params(checkpoint, model, params), images, out, params)
+    `out` (model None: as the checkpoint describes itself). Every input is checked
+    (`check_folder`) before the model is even loaded."""
+    folder, out, found = check_folder(images, out, max_pixels)
+    predictor = Predictor.from_params(checkpoint, model, params)
+    return _predict_folder(predictor, folder, found, out, params, max_pixels)
 
 
 def export_split(predictor: Predictor, data_root: str | Path, paths: ExportPaths,
-                 params: ExportParams) -> int:
+                 params: ExportParams, max_pixels: int = MAX_PIXELS) -> int:
     """Label-id PNGs for every image of `paths.split`, the upload zip, and overlays of
-    `params.overlays` of them. Folders are swapped in whole; returns the number of images."""
+    `params.overlays` of them. Every image's header is checked first; folders are swapped in
+    whole; returns the number of images."""
     images = list_images(data_root, paths.split)
+    check_images(images, max_pixels)
     stems = [stem_of(p) for p in images]
     overlay_stems = {stems[i] for i in spread(len(stems), params.overlays)}
+    load = functools.partial(_load, max_pixels=max_pixels)
     with atomic_dir(paths.predictions) as predictions, atomic_dir(paths.overlays) as overlays:
         with WriteBehind(params.workers) as writer:
-            stream = predict_stream(predictor, images, _load, params.batch_size, params.workers)
+            stream = predict_stream(predictor, images, load, params.batch_size, params.workers)
             for image_path, image, _, train_ids in tqdm(stream, total=len(images),
                                                          desc=f"export {paths.split}", unit="img"):
                 stem = stem_of(image_path)
@@ -119,14 +143,15 @@ def write_submission_zip(path: Path, folder: Path, stems: Sequence[str]) -> None
 
 
 def export_gif(predictor: Predictor, data_root: str | Path, path: Path,
-               params: ExportParams) -> int:
+               params: ExportParams, max_pixels: int = MAX_PIXELS) -> int:
     """An animated GIF of `params.gif_frames` val images blended with their predicted colors."""
     if params.gif_frames == 0:
         return 0
     images = list_images(data_root, "val")
     chosen = [images[i] for i in spread(len(images), params.gif_frames)]
+    load = functools.partial(_load, max_pixels=max_pixels)
     frames = []
-    for _, image, _, train_ids in predict_stream(predictor, chosen, _load, params.batch_size,
+    for _, image, _, train_ids in predict_stream(predictor, chosen, load, params.batch_size,
                                                  params.workers):
         overlay = blend(image, colorize(train_ids), params.overlay_alpha)
         frames.append(resize_to_width(overlay, params.gif_width))
@@ -146,22 +171,79 @@ def folder_images(folder: Path) -> list[Path]:
     return images
 
 
-def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
-                   params: ExportParams) -> int:
-    """For each image under `folder`, `<out>/<relative path>/<name>_labelIds.png` (uint8 label
-    ids) and `<name>_overlay.png`. Each file is written atomically."""
+def _target(folder: Path, image: Path) -> Path:
+    """`<relative folder>/<name>`: the outputs of `image` are this plus FOLDER_SUFFIXES."""
+    return image.relative_to(folder).parent / image.stem
+
+
+def _foreign_files(out: Path) -> Iterator[Path]:
+    """What under `out` predict_folder would not have written (replacing `out` loses it)."""
+    for path in out.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if not (path.is_file() and not path.is_symlink() and path.name.endswith(FOLDER_SUFFIXES)):
+            yield path
+
+
+def check_folder(folder: str | Path, out: str | Path,
+                 max_pixels: int = MAX_PIXELS) -> tuple[Path, Path, list[Path]]:
+    """Every check of a folder prediction, made before any work: the folders do not nest, `out`
+    holds nothing but an earlier run's predictions (it is replaced whole), no two images
+    share an output name (`a.png` and `a.jpg`), and every image opens and is at most
+    `max_pixels` pixels. Returns the resolved folder, output folder and the images."""
     folder, out = Path(folder).resolve(), Path(out).resolve()
     if out == folder or folder in out.parents:
         raise DataError(f"{out}: the output folder must not lie inside the image folder {folder} "
                         "(its files would be read as images next time)")
+    if out in folder.parents:
+        raise DataError(f"{folder}: the image folder must not lie inside the output folder "
+                        f"{out}, which is replaced whole")
     images = folder_images(folder)
-    with WriteBehind(params.workers) as writer:
-        stream = predict_stream(predictor, images, _load, params.batch_size, params.workers)
-        for image_path, image, _, train_ids in tqdm(stream, total=len(images), desc="predict",
-                                                     unit="img"):
-            target = out / image_path.relative_to(folder).parent / image_path.stem
-            writer.submit(write_label_png, f"{target}_labelIds.png", TRAINID_TO_ID[train_ids])
-            writer.submit(write_png, f"{target}_overlay.png",
-                          blend(image, colorize(train_ids), params.overlay_alpha))
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"{out}: the output path exists and is not a folder")
+        foreign = next(_foreign_files(out), None)
+        if foreign is not None:
+            raise DataError(f"{out}: holds {foreign}, which predicting a folder does not write; "
+                            "refusing to replace the folder (choose another output folder or "
+                            "remove it)")
+    seen: dict[Path, Path] = {}
+    for image in images:
+        other = seen.setdefault(_target(folder, image), image)
+        if other != image:
+            raise DataError(f"{image}: its predictions would overwrite those of {other} "
+                            f"(both are written as {_target(folder, image)}_labelIds.png); "
+                            "rename one")
+    check_images(images, max_pixels)
+    return folder, out, images
+
+
+def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
+                   params: ExportParams, max_pixels: int = MAX_PIXELS) -> int:
+    """For each image under `folder`, `<out>/<relative path>/<name>_labelIds.png` (uint8 label
+    ids) and `<name>_overlay.png`.
+
+    All or nothing: every input is checked first (`check_folder`), and the predictions are
+    written to a new folder beside `out` that replaces it only once complete, so any failure
+    leaves the previous `out` (or none). `out` then holds exactly this folder's predictions.
+    """
+    folder, out, images = check_folder(folder, out, max_pixels)
+    return _predict_folder(predictor, folder, images, out, params, max_pixels)
+
+
+def _predict_folder(predictor: Predictor, folder: Path, images: Sequence[Path], out: Path,
+                    params: ExportParams, max_pixels: int) -> int:
+    """predict_folder's work, on inputs `check_folder` accepted."""
+    load = functools.partial(_load, max_pixels=max_pixels)
+    with atomic_dir(out) as tmp:
+        with WriteBehind(params.workers) as writer:
+            stream = predict_stream(predictor, images, load, params.batch_size, params.workers)
+            for image_path, image, _, train_ids in tqdm(stream, total=len(images),
+                                                         desc="predict", unit="img"):
+                target = tmp / _target(folder, image_path)
+                writer.submit(write_label_png, f"{target}_labelIds.png",
+                              TRAINID_TO_ID[train_ids])
+                writer.submit(write_png, f"{target}_overlay.png",
+                              blend(image, colorize(train_ids), params.overlay_alpha))
     log.info("wrote predictions of %d images under %s", len(images), out)
     return len(images)

@@ -32,6 +32,8 @@ calls one function here, which writes the stage's outputs):
         loop        one epoch of training, one validation pass; optimizer, LR, loss
         distributed torchrun launch, process group, exact reductions
         fit         the run: resume, epochs or iterations, early stopping, checkpoints, DVCLive
+        resume      a run's state folder outside DVC's outputs (keyed by parameter hash), its
+                    lock, and publishing the final checkpoints to train.out
         class_weights  stage `class_weights`: pixel histogram → enet / median-frequency weights
     predict/      stages `evaluate` and `export`: a trained model on whole images
         predictor   Predictor: whole or sliding windows, multi-scale/flip TTA, OOM fallback

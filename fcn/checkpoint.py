@@ -8,7 +8,8 @@ run killed while saving leaves the previous checkpoint intact.
 `last.pt` holds everything a run needs to continue (`STATE_KEYS`); `best.pt` only what
 rebuilds the model and says where it came from (`MODEL_KEYS`). Resuming is only allowed when
 the hash of the training-relevant parameters matches: `model`, `train` (minus `workers`,
-`device`, `out` and `monitor_system`, which change where and how fast a run goes, not what it computes), and
+`device`, `out`, `resume_dir`, `max_restarts` and `monitor_system`, which change where and how
+fast a run goes, not what it computes), and
 what identifies the data (the stage passes the `data` and `synthesize` sections: a changed
 synthetic dataset has the same paths but other pixels).
 """
@@ -57,7 +58,8 @@ def hashed_params(model: ModelParams, train: TrainParams,
                   identity: Mapping[str, Any]) -> dict[str, Any]:
     """The parameter values a checkpoint must agree with to be resumed (plain data):
     `identity` holds further sections (plain dicts) that name the data trained on."""
-    train = dataclasses.replace(train, workers=0, device="auto", out="", monitor_system=False)
+    train = dataclasses.replace(train, workers=0, device="auto", out="", monitor_system=False,
+                                max_restarts=0, resume_dir=None)
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
             **{name: dict(section) for name, section in identity.items()}}
 

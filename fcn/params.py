@@ -123,8 +123,14 @@ class TrainParams:
     precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
     workers: int = _p(0, ge=0, help="DataLoader worker processes")
     nproc: int = _p(1, ge=1, help="processes for torchrun/DDP (the stage launches them)")
+    max_restarts: int = _p(0, ge=0, help="torchrun restarts of the whole process group after a "
+                           "worker fails (nproc > 1); each restart resumes from the last epoch")
     device: Device = _p("auto", help="auto: CUDA when present, else CPU")
-    out: str = _p("models", help="checkpoint folder (persisted across runs)")
+    out: str = _p("models", help="final checkpoints (best.pt, last.pt), written when training "
+                  "ends: a DVC-cached output, restored from the run-cache")
+    resume_dir: str | None = _p(None, help="where a run's checkpoints live until it ends, one "
+                                "folder per training-parameter hash, so a killed run resumes; "
+                                "null: $XDG_CACHE_HOME/fcn-cityscapes/resume (~/.cache/...)")
 
 
 @dataclass(frozen=True)

@@ -64,12 +64,12 @@ def test_the_recipe_trains_two_iterations_at_full_resolution(tmp_path):
     raw = default_params_dict()
     for section, values in recipe().items():
         raw[section].update(values)
-    raw["data"] = {"root": str(root), "generated": str(generated)}
+    raw["data"] = {**raw["data"], "root": str(root), "generated": str(generated)}
     raw["synthesize"] = {**raw["synthesize"], "height": 1024, "width": 2048}
     raw["model"]["weights"] = str(weights)
     # what differs from the recipe: 2 iterations, this machine, no loader processes
     raw["train"].update(iterations=2, device="cpu", workers=0, out=str(tmp_path / "models"),
-                        monitor_system=False)
+                        resume_dir=str(tmp_path / "resume"), monitor_system=False)
     params = parse_params(raw)
     try:
         record = fit(params.model, params.train, params.data.root, params.data.generated,

@@ -34,14 +34,22 @@ def write_masks(root: Path, generated: Path) -> None:
 
 
 def tiny_params(root: Path, generated: Path, out: Path, **train: Any) -> dict[str, Any]:
-    """params.yaml content for a seconds-long CPU run on the tiny dataset."""
+    """params.yaml content for a seconds-long CPU run on the tiny dataset; the run's state
+    folders go to `<out's parent>/resume` (not the user's cache)."""
     params = default_params_dict()
-    params["data"] = {"root": str(root), "generated": str(generated)}
+    params["data"] = {**params["data"], "root": str(root), "generated": str(generated)}
     params["synthesize"] = dataclasses.asdict(TINY)
     params["train"].update(epochs=2, batch_size=2, crop=[64, 64], workers=0, nproc=1,
-                           device="cpu", out=str(out))
+                           device="cpu", out=str(out), resume_dir=str(out.parent / "resume"))
     params["train"].update(train)
     return params
+
+
+def state_folder(resume_dir: Path) -> Path:
+    """The one state folder (`<resume_dir>/<hash>/`) of a run in progress."""
+    folders = [p for p in resume_dir.iterdir() if p.is_dir()] if resume_dir.exists() else []
+    assert len(folders) == 1, f"expected one state folder in {resume_dir}, found {folders}"
+    return folders[0]
 
 
 def write_params(path: Path, params: dict[str, Any]) -> Path:

@@ -1,8 +1,10 @@
 """The training run: set-up, resume, the epoch loop, checkpoints and DVCLive logging.
 
-Order of writes at the end of each epoch (rank 0 only): best.pt (if improved), then
-last.pt, then the DVCLive files. last.pt is the commit point: a run killed anywhere
-resumes from it and redoes at most one epoch, bit for bit as the first time (on CPU).
+Checkpoints live in the run's state folder (`fcn.train.resume`) until the run ends; then
+best.pt and last.pt move to `train.out`. Order of writes at the end of each epoch (rank 0
+only): best.pt (if improved), then last.pt, then the DVCLive files. last.pt is the commit
+point: a run killed anywhere resumes from it and redoes at most one epoch, bit for bit as the
+first time (on CPU).
 
 The DVCLive folder is rebuilt from the history stored in the checkpoint when a run starts
 or resumes, rather than with DVCLive's own `resume=True`: that reads the step from
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from fcn import checkpoint as ckpt
 from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
+from fcn.train import resume
 from fcn.train.distributed import Context, broadcast_buffers, setup, teardown
 from fcn.errors import FcnError
 from fcn.train.class_weights import read_class_weights
@@ -40,6 +43,9 @@ from fcn.params import ModelParams, TrainParams
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "miou", "mean_dice", "mean_pixel_accuracy", "pixel_accuracy")
+TIMES = ("data_s", "compute_s", "data_fraction", "samples_per_s", "val_s")
+"""Per-epoch timings (`time/<name>`): the training loop's wait for the loader against the rest
+(rank 0's view), training throughput over all processes, and validation's duration."""
 
 
 def seed_everything(seed: int) -> None:
@@ -114,6 +120,10 @@ class LiveLog:
             key = f"val/iou/{name}"
             if key in record:
                 self.live.log_metric(key, record[key])
+        for name in TIMES:
+            key = f"time/{name}"
+            if key in record:
+                self.live.log_metric(key, record[key])
         self.live.log_metric("lr", record["lr"])
         self.live.log_metric("best/val_miou", record["best/val_miou"], plot=False)
         self.live.log_metric("best/epoch", record["best/epoch"], plot=False)
@@ -148,10 +158,12 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
         identity: Mapping[str, Mapping[str, Any]] | None = None,
         class_weights_file: str | Path | None = None) -> dict[str, Any]:
     """Train as `model`/`train` say on the images under `root` and the masks under
-    `generated`, resuming from `<train.out>/last.pt` when its parameter hash matches; returns
-    the last epoch's record. `identity`: further sections (plain data) that name the data, so
-    a checkpoint of other data is not resumed; `class_weights_file`: the class_weights
-    stage's output, read when train.class_weights names a scheme. Every rank calls this under
+    `generated`; returns the last epoch's record. Checkpoints go to the run's state folder
+    (`<train.resume_dir>/<hash>/`), which a killed run resumes from; when the run ends, best.pt
+    and last.pt move to `train.out`. A finished run's `<train.out>/last.pt` with the same hash
+    is not trained again. `identity`: further sections (plain data) that name the data, so a
+    checkpoint of other data is not resumed; `class_weights_file`: the class_weights stage's
+    output, read when train.class_weights names a scheme. Every rank calls this under
     torchrun."""
     context = setup(train.device)
     if not context.is_main:
@@ -163,9 +175,15 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
             raise FcnError(f"train.class_weights is {weights!r}: the class_weights stage's file "
                            "is needed (stages/train.py --class-weights)")
         weights = read_class_weights(class_weights_file, weights)
+    directory = resume.state_dir(train.resume_dir, hashed)
     try:
-        return _fit(model, train, Path(root), Path(generated), hashed, context, Path(train.out),
-                    Path(live_dir), weights)
+        if not context.is_main:
+            return _fit(model, train, Path(root), Path(generated), hashed, context, directory,
+                        Path(train.out), Path(live_dir), weights)
+        with resume.locked(directory, hashed):
+            log.info("training state: %s", directory)
+            return _fit(model, train, Path(root), Path(generated), hashed, context, directory,
+                        Path(train.out), Path(live_dir), weights)
     finally:
         teardown(context)
 
@@ -196,7 +214,7 @@ def _sync_batchnorm(model: torch.nn.Module, enabled: bool, context: Context) -> 
 
 
 def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
-         hashed: Mapping[str, Any], context: Context, out: Path,
+         hashed: Mapping[str, Any], context: Context, directory: Path | None, out: Path,
          live_dir: Path, class_weights: list[float] | None) -> dict[str, Any]:
     device = context.device
     configure_determinism(device)
@@ -219,19 +237,19 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
     criterion = build_criterion(class_weights, device)
 
-    resume = ckpt.resumable(out, hashed, epochs)
+    state, finished_in_out = resume.resume_point(directory, out, hashed, epochs)
     history: list[dict[str, Any]] = []
     start_epoch, best_miou, best_epoch, stopped = 0, math.nan, -1, ""
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        start_epoch, best_miou, best_epoch = (resume["epoch"], resume["best_miou"],
-                                              resume["best_epoch"])
-        stopped = resume.get("stop_reason", "")
-        history = list(resume["history"])
-        ckpt.set_rng_state(resume["rng"][min(context.rank, len(resume["rng"]) - 1)])
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_miou, best_epoch = (state["epoch"], state["best_miou"],
+                                              state["best_epoch"])
+        stopped = state.get("stop_reason", "")
+        history = list(state["history"])
+        ckpt.set_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)])
     else:
         seed_everything(t.seed + context.rank)  # per-rank streams (dropout, if any)
 
@@ -240,11 +258,11 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
     live = LiveLog(live_dir, history, t.monitor_system) if context.is_main else None
-    if stopped:
-        log.info("%s: nothing to do", stopped)
+    if stopped or start_epoch >= epochs:
+        log.info("%s: nothing to do", stopped or f"all {epochs} epochs already trained")
         start_epoch = epochs
-    elif start_epoch >= epochs:
-        log.info("all %d epochs already trained: nothing to do", epochs)
+        if finished_in_out:
+            directory = None  # `out` already holds this run's checkpoints
     else:
         log.info("training %s on %s x%d: %d images (%s) / %d val images, batch %d x %d "
                  "accumulated x %d processes, %d optimizer steps per epoch, %d in all; epochs "
@@ -262,6 +280,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                                       context, t.precision, epoch, accumulate=t.accumulate,
                                       max_steps=total_steps - scheduler.last_epoch)
             broadcast_buffers(model, context)
+            validating = time.perf_counter()
             validated = validate(model, val_loader, criterion, context, t.precision)
             if not math.isfinite(validated.loss):
                 raise NonFiniteLossError(
@@ -270,6 +289,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
             record = {"epoch": epoch,
                       **{f"train/{k}": v for k, v in scores(trained).items()},
                       **{f"val/{k}": v for k, v in scores(validated, per_class=True).items()},
+                      **timings(trained, time.perf_counter() - validating, context),
                       "lr": scheduler.get_last_lr()[0]}
             improved = trains_on_val or _better(record["val/miou"], best_miou)
             if improved:
@@ -287,8 +307,8 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                     scaler=scaler, best_miou=best_miou, best_epoch=best_epoch, history=history,
                     hashed=hashed, rng=gather_rng_states(context), stop_reason=stopped)
                 if improved:
-                    ckpt.save(out / ckpt.BEST, ckpt.best_subset(state))
-                ckpt.save(out / ckpt.LAST, state)
+                    ckpt.save(directory / ckpt.BEST, ckpt.best_subset(state))
+                ckpt.save(directory / ckpt.LAST, state)
                 live.log(record)
             else:
                 gather_rng_states(context)
@@ -296,16 +316,27 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
             if stopped:
                 log.info("%s; best.pt is epoch %d", stopped, best_epoch + 1)
                 break
-        if context.is_main:
-            log.info("best val mIoU %.4f after epoch %d; checkpoints in %s", best_miou,
-                     best_epoch + 1, out)
     except BaseException:
         if live is not None:
             live.abort()  # its monitor thread must not keep a failed run's process alive
         raise
     if live is not None:
         live.close()
+        if directory is not None:  # last: killed before this, a rerun resumes and publishes
+            resume.publish(directory, out)
+        log.info("best val mIoU %.4f after epoch %d; checkpoints in %s", best_miou,
+                 best_epoch + 1, out)
     return record
+
+
+def timings(trained: PassResult, val_s: float, context: Context) -> dict[str, float]:
+    """The epoch's `time/<name>` figures (TIMES): rank 0's loader wait against the rest of
+    its training loop, the samples/s of all processes together, validation's seconds."""
+    busy = trained.data_s + trained.compute_s
+    return {"time/data_s": trained.data_s, "time/compute_s": trained.compute_s,
+            "time/data_fraction": trained.data_s / busy if busy else math.nan,
+            "time/samples_per_s": trained.samples * context.world_size / busy if busy else math.nan,
+            "time/val_s": val_s}
 
 
 def gather_rng_states(context: Context) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,10 +34,14 @@ class NonFiniteLossError(FcnError):
 
 @dataclass
 class PassResult:
-    """Loss and confusion matrix of one pass over a loader (already summed over ranks)."""
+    """Loss and confusion matrix of one pass over a loader (already summed over ranks), and
+    where this rank's time went: waiting for the loader, and everything else."""
 
     loss: float
     confusion: torch.Tensor
+    data_s: float = 0.0
+    compute_s: float = 0.0
+    samples: int = 0
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -94,6 +99,24 @@ def _progress(iterable: Iterable, context: Context, desc: str, total: int) -> It
                 disable=not context.is_main)
 
 
+class _Timed:
+    """Iterate over `iterable`, adding the time spent waiting for each item to `waited`."""
+
+    def __init__(self, iterable: Iterable) -> None:
+        self.iterator = iter(iterable)
+        self.waited = 0.0
+
+    def __iter__(self) -> _Timed:
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.waited += time.perf_counter() - started
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -116,7 +139,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
     total = len(loader)
     no_sync = getattr(model, "no_sync", None)
     optimizer.zero_grad(set_to_none=True)
-    for images, targets in _progress(loader, context, f"train {epoch}", total):
+    started, samples = time.perf_counter(), 0
+    batches = _Timed(_progress(loader, context, f"train {epoch}", total))
+    for images, targets in batches:
         position = passes % accumulate
         group = min(accumulate, total - (passes - position))  # batches in this step
         last = position == group - 1
@@ -144,14 +169,18 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
             optimizer_steps += 1
         loss_sum += loss.detach().double()
         passes += 1
+        samples += len(targets)
         confusion += confusion_matrix(targets, logits.detach().argmax(1), num_classes)
         if last and max_steps is not None and optimizer_steps >= max_steps:
             break
+    elapsed = time.perf_counter() - started
     steps = passes
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=device,
                                                                 dtype=torch.float64)]), context)
     all_reduce_sum(confusion, context)
-    return PassResult(float(totals[0] / totals[1]) if totals[1] else math.nan, confusion.cpu())
+    return PassResult(float(totals[0] / totals[1]) if totals[1] else math.nan, confusion.cpu(),
+                      data_s=batches.waited, compute_s=elapsed - batches.waited,
+                      samples=samples)
 
 
 @torch.inference_mode()

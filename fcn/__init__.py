@@ -27,8 +27,13 @@ calls one function here, which writes the stage's outputs):
         render      one annotation → labelIds, labelTrainIds, color, instanceIds
         generate    the stage's work: every annotation, in worker processes, atomically
         agreement   comparison with masks shipped with the dataset, and its figure
-    train/        stage `train`
-        data        dataset, seeded paired augmentation, samplers
+    train/        stages `decode`, `class_weights` and `train`
+        pairs       an image and its trainId mask: found, size-checked, decoded
+        decoded     stage `decode`: train/val pairs as raw arrays the loader memory-maps
+        augment     seeded draws and the uint8 geometry (crop in source coordinates, resize,
+                    flip) on the loader side
+        photometric the colour jitter, batched on the training device
+        data        datasets (PNG or decoded cache), seeded samplers, loader worker count
         loop        one epoch of training, one validation pass; optimizer, LR, loss
         distributed torchrun launch, process group, exact reductions
         fit         the run: resume, epochs or iterations, early stopping, checkpoints, DVCLive

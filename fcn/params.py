@@ -81,6 +81,17 @@ class MasksParams:
 
 
 @dataclass(frozen=True)
+class DecodeParams:
+    """The decoded cache of the train and val splits (stage `decode`, read by train)."""
+
+    enabled: bool = _p(True, help="decode the train and val images and masks once into raw "
+                       "arrays the train loader memory-maps (real Cityscapes: ~28 GB); false: "
+                       "the loader decodes PNGs")
+    workers: int = _p(2, ge=1, help="threads decoding (PNG decoding releases the GIL)")
+    out: str = _p("data/decoded", help="the cache folder")
+
+
+@dataclass(frozen=True)
 class ModelParams:
     backbone: Backbone = _p("vgg11_bn", help="torchvision VGG whose features FCN8s builds on")
     weights: str = _p("none", help="'none', 'imagenet' or a path to a backbone state dict")
@@ -121,7 +132,9 @@ class TrainParams:
                        "statistics of the global batch); plain BN otherwise, with a log line")
     monitor_system: bool = _p(True, help="DVCLive system metrics (CPU, RAM, GPU) while training")
     precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
-    workers: int = _p(0, ge=0, help="DataLoader worker processes")
+    workers: int | Literal["auto"] = _p(
+        "auto", ge=0, help="DataLoader worker processes; auto: 0 on CPU (the model uses every "
+        "core), on CUDA the cores per training process minus one, at most 16")
     nproc: int = _p(1, ge=1, help="processes for torchrun/DDP (the stage launches them)")
     max_restarts: int = _p(0, ge=0, help="torchrun restarts of the whole process group after a "
                            "worker fails (nproc > 1); each restart resumes from the last epoch")
@@ -228,6 +241,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     synthesize: SynthesizeParams = field(default_factory=SynthesizeParams)
     masks: MasksParams = field(default_factory=MasksParams)
+    decode: DecodeParams = field(default_factory=DecodeParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)

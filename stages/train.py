@@ -21,7 +21,9 @@ def main() -> None:
         sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:]))
     fit(params.model, params.train, params.data.root, params.data.generated, args.live_dir,
         identity=sections_dict(params, "data", "synthesize"),
-        class_weights_file=args.class_weights)
+        class_weights_file=args.class_weights,
+        decoded=params.decode.out if params.decode.enabled else None,
+        max_pixels=params.data.max_pixels)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Dataset pairing and its errors, paired augmentation, and seeded (order-free) randomness."""
+"""Dataset pairing and its errors; the new augmentation against the torchvision pipeline it
+replaces; seeded (order-free) randomness across workers, resumes and the decoded cache."""
 
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
 
-from fcn.train.data import (SeededSampler, SegmentationDataset, ShardSampler, find_pairs,
-                      sample_seed, train_transform)
-from fcn.errors import DataError
 from fcn.cityscapes.labels import IGNORE_INDEX
+from fcn.errors import DataError
+from fcn.train import photometric
+from fcn.train.augment import Recipe, crop_pair, draw, reference_transform
+from fcn.train.data import (SeededSampler, SegmentationDataset, ShardSampler, sample_seed,
+                            worker_count)
+from fcn.train.decoded import array_path, decode_stage
+from fcn.train.loop import to_device
+from fcn.train.pairs import find_pairs
 
+RECIPE = Recipe.of([48, 48], [0.75, 1.5], True, 0.2)
 
 
 @pytest.fixture()
@@ -32,12 +40,16 @@ def test_pairs_are_found_by_stem_and_load_as_tensors(tiny_dataset, masks):
     for pair in dataset.pairs:
         assert pair.mask.name == f"{pair.stem}_gtFine_labelTrainIds.png"
         assert pair.mask.parent.name == pair.image.parent.name  # same city
-    image, mask = dataset[0]
-    assert image.dtype == torch.float32 and image.shape == (3, 64, 128)
-    assert 0 <= image.min() and image.max() <= 1
-    assert mask.dtype == torch.int64 and mask.shape == (64, 128)
+    image, mask = dataset[0]  # whole images stay uint8 until the device
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 128)
+    assert mask.dtype == torch.uint8 and mask.shape == (64, 128)
+    with Image.open(dataset.pairs[0].image) as png:
+        assert torch.equal(image, torch.from_numpy(np.array(png)).permute(2, 0, 1))
     with Image.open(dataset.pairs[0].mask) as png:
-        assert torch.equal(mask, torch.from_numpy(np.asarray(png).astype(np.int64)))
+        assert torch.equal(mask, torch.from_numpy(np.array(png)))
+    images, targets = to_device((image[None], mask[None]), torch.device("cpu"))
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images[0], image.float() / 255) and targets.dtype == torch.int64
 
 
 def test_missing_mask_names_both_files(tiny_dataset, own_masks):
@@ -70,56 +82,153 @@ def test_no_images_is_an_error_naming_the_folder(tmp_path, masks):
         find_pairs(tmp_path, masks, "train")
 
 
-def test_augmentation_keeps_image_and_mask_aligned():
-    """An image that *is* its mask (gray level = class): after rescale, crop and flip the
-    two must still agree wherever the mask is not padding."""
-    rng = np.random.default_rng(0)
+def _blocks(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 128x256 image that *is* its mask: 16-pixel blocks of one class, gray level 10 x class."""
+    rng = np.random.default_rng(seed)
     labels = np.repeat(np.repeat(rng.integers(0, 19, (8, 16)), 16, 0), 16, 1).astype(np.uint8)
-    image = tv_tensors.Image(torch.from_numpy(labels * 10)[None].repeat(3, 1, 1))
-    mask = tv_tensors.Mask(torch.from_numpy(labels)[None])
-    transform = train_transform([160, 160], [0.5, 2.0], flip=True, jitter=0.0)
+    return torch.from_numpy(labels * 10)[None].repeat(3, 1, 1), torch.from_numpy(labels)
+
+
+def _regions(image: torch.Tensor, mask: torch.Tensor):
+    return (lambda t, l, h, w: image[:, t:t + h, l:l + w],
+            lambda t, l, h, w: mask[None, t:t + h, l:l + w])
+
+
+def _uniform(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixels whose size x size neighbourhood holds one label (and no padding)."""
+    m = mask[None, None].float()
+    one = (F.max_pool2d(m, size, 1, size // 2) == -F.max_pool2d(-m, size, 1, size // 2))[0, 0]
+    return one & (mask != IGNORE_INDEX)
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    """After rescale, crop and flip the image and its mask still agree wherever the mask is
+    not padding (away from label edges, where bilinear and nearest differ)."""
+    image, mask = _blocks()
+    recipe = Recipe.of([160, 160], [0.5, 2.0], True, 0.0)
     padded = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        out_image, out_mask = transform(image, mask)
-        out_mask = out_mask[0]
+        out_image, out_mask = crop_pair(*_regions(image, mask), (128, 256),
+                                        draw(recipe, 128, 256), recipe.crop)
+        assert out_image.dtype == out_mask.dtype == torch.uint8
         assert out_image.shape == (3, 160, 160) and out_mask.shape == (160, 160)
         padded += int((out_mask == IGNORE_INDEX).sum())
-        # Away from label edges (5x5 neighbourhood of one label) the bilinear image and the
-        # nearest-neighbour mask must agree exactly; a flip or crop applied to only one of
-        # them would leave ~1/19 agreeing.
-        m = out_mask[None, None].float()
-        uniform = (F.max_pool2d(m, 5, 1, 2) == -F.max_pool2d(-m, 5, 1, 2))[0, 0]
-        inside = uniform & (out_mask != IGNORE_INDEX)
+        inside = _uniform(out_mask, 5)
         assert inside.sum() > 300
-        gray = torch.round(out_image[0] * 255 / 10)
+        gray = torch.round(out_image[0].float() / 10)
         assert torch.equal(gray[inside], out_mask[inside].float())
     assert padded > 0  # scales below 1 made crops larger than the image: padded with ignore
 
 
+def test_new_geometry_matches_resize_then_crop_within_interpolation_tolerance():
+    """The same seed makes the same draws as the old torchvision pipeline (rescale the whole
+    image, then crop and flip); the crop shows the same region at the same scale: the padding
+    is the same, the masks differ only next to a label edge (at most one pixel apart), and the
+    images agree within 2 gray levels inside the blocks (3 pixels from the crop's frame, where
+    the old pipeline's filter also saw pixels outside the window)."""
+    image, mask = _blocks(1)
+    recipe = Recipe.of([96, 160], [0.5, 2.0], True, 0.0)
+    old = reference_transform(recipe)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        new_image, new_mask = crop_pair(*_regions(image, mask), (128, 256),
+                                        draw(recipe, 128, 256), recipe.crop)
+        torch.manual_seed(seed)
+        old_image, old_mask = old(tv_tensors.Image(image), tv_tensors.Mask(mask[None]))
+        old_image = (old_image * 255).round().to(torch.uint8)
+        old_mask = old_mask[0].to(torch.uint8)
+        assert torch.equal(new_mask == IGNORE_INDEX, old_mask == IGNORE_INDEX), seed
+        differ = new_mask != old_mask  # only next to a label edge: at most 1 pixel apart
+        differ[[0, -1], :] = differ[:, [0, -1]] = False  # the frame cannot see its neighbours
+        assert not (differ & _uniform(old_mask, 3)).any(), seed
+        inside = _uniform(old_mask, 5)
+        inside[:3], inside[-3:], inside[:, :3], inside[:, -3:] = False, False, False, False
+        diff = (new_image.int() - old_image.int()).abs()[:, inside]
+        assert diff.max() <= 2, (seed, int(diff.max()))  # block interiors: same colour
+
+
+def test_photometric_jitter_equals_torchvision_per_sample():
+    """The batched device-side jitter is torchvision's ColorJitter on float images: each
+    sample's four operations in its own order with its own factors."""
+    torch.manual_seed(0)
+    images = torch.rand(5, 3, 24, 40)
+    params = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        params.append(draw(Recipe.of([24, 40], [1.0, 1.0], False, 0.5), 24, 40).jitter)
+    params = torch.stack(params)
+    assert len({tuple(p[:4].tolist()) for p in params}) > 1  # orders differ between samples
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    expected = []
+    for image, p in zip(images, params):
+        for op_id in p[:4].long().tolist():
+            image = ops[op_id](image, float(p[4 + op_id]))
+        expected.append(image)
+    torch.testing.assert_close(photometric.jitter(images, params), torch.stack(expected),
+                               atol=1e-5, rtol=0)
+
+
 def test_same_seed_same_sample_other_seed_other_sample(tiny_dataset, masks):
-    dataset = SegmentationDataset(tiny_dataset, masks, "train",
-                                  train_transform([48, 48], [0.75, 1.5], True, 0.2))
-    a_image, a_mask = dataset[(2, 1234)]
+    dataset = SegmentationDataset(tiny_dataset, masks, "train", RECIPE)
+    a = dataset[(2, 1234)]
     torch.rand(100)  # global RNG use in between must not matter
-    b_image, b_mask = dataset[(2, 1234)]
-    assert torch.equal(a_image, b_image) and torch.equal(a_mask, b_mask)
-    c_image, _ = dataset[(2, 1235)]
-    assert not torch.equal(a_image, c_image)
+    b = SegmentationDataset(tiny_dataset, masks, "train", RECIPE)[(2, 1234)]  # a new process
+    assert len(a) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
+    c = dataset[(2, 1235)]
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])  # crop and jitter
     assert sample_seed(0, 1, 2) != sample_seed(0, 2, 1)
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(tiny_dataset, masks):
-    dataset = SegmentationDataset(tiny_dataset, masks, "train",
-                                  train_transform([48, 48], [0.75, 1.5], True, 0.2))
+    dataset = SegmentationDataset(tiny_dataset, masks, "train", RECIPE)
 
-    def batches(workers: int) -> list[torch.Tensor]:
+    def batches(workers: int) -> list[list[torch.Tensor]]:
         sampler = SeededSampler(dataset, seed=3)
         sampler.set_epoch(1)
         loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers)
-        return [image for image, _ in loader]
+        return list(loader)
 
-    assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2), strict=True))
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert len(a) == len(b) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_the_decoded_cache_gives_the_samples_of_the_pngs(tiny_dataset, masks, tmp_path):
+    index = decode_stage(tiny_dataset, masks, tmp_path / "decoded", True, 2)
+    assert [len(index["splits"][s]) for s in ("train", "val")] == [6, 2]
+    png = SegmentationDataset(tiny_dataset, masks, ["train", "val"], RECIPE)
+    npy = SegmentationDataset(tiny_dataset, masks, ["train", "val"], RECIPE, tmp_path / "decoded")
+    for i in range(len(png)):
+        key = (i, sample_seed(0, 3, i))
+        assert all(torch.equal(x, y) for x, y in zip(png[key], npy[key]))
+    whole_png = SegmentationDataset(tiny_dataset, masks, "val")
+    whole_npy = SegmentationDataset(tiny_dataset, masks, "val", None, tmp_path / "decoded")
+    assert all(torch.equal(x, y) for x, y in zip(whole_png[1], whole_npy[1]))
+
+
+def test_a_damaged_decoded_array_is_refused_in_one_line(tiny_dataset, masks, tmp_path):
+    decoded = tmp_path / "decoded"
+    decode_stage(tiny_dataset, masks, decoded, True, 1)
+    stem = find_pairs(tiny_dataset, masks, "val")[0].stem
+    image = array_path(decoded, "val", stem, "image")
+    np.save(image, np.zeros((64, 127, 3), np.uint8))
+    with pytest.raises(DataError, match=r"decoded image is uint8 \(64, 127, 3\), expected uint8 "
+                                        r"\(64, 128, 3\)"):
+        SegmentationDataset(tiny_dataset, masks, "val", None, decoded)
+    np.save(image, np.zeros((64, 128, 3), np.uint8))
+    image.write_bytes(image.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        SegmentationDataset(tiny_dataset, masks, "val", None, decoded)
+    disabled = decode_stage(tiny_dataset, masks, tmp_path / "off", False, 1)
+    assert disabled["splits"] == {} and not list((tmp_path / "off").rglob("*.npy"))
+    with pytest.raises(DataError, match="holds no arrays"):
+        SegmentationDataset(tiny_dataset, masks, "val", None, tmp_path / "off")
+
+
+def test_workers_auto():
+    assert worker_count(3, torch.device("cpu"), 1) == 3
+    assert worker_count("auto", torch.device("cpu"), 1) == 0  # the model has every core
+    assert 1 <= worker_count("auto", torch.device("cuda"), 1) <= 16
 
 
 def test_samplers_split_the_data_between_ranks():

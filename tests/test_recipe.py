@@ -18,6 +18,7 @@ from fcn import checkpoint as ckpt
 from fcn.model import vgg_features
 from fcn.params import SynthesizeParams, default_params_dict, parse_params, sections_dict
 from fcn.synthetic import synthesize
+from fcn.train.decoded import decode_stage
 from fcn.train.fit import fit
 
 from trainset import write_masks
@@ -67,13 +68,17 @@ def test_the_recipe_trains_two_iterations_at_full_resolution(tmp_path):
     raw["data"] = {**raw["data"], "root": str(root), "generated": str(generated)}
     raw["synthesize"] = {**raw["synthesize"], "height": 1024, "width": 2048}
     raw["model"]["weights"] = str(weights)
-    # what differs from the recipe: 2 iterations, this machine, no loader processes
-    raw["train"].update(iterations=2, device="cpu", workers=0, out=str(tmp_path / "models"),
+    raw["decode"]["out"] = str(tmp_path / "decoded")
+    # what differs from the recipe: 2 iterations, this machine (workers auto: 0 on a CPU)
+    raw["train"].update(iterations=2, device="cpu", out=str(tmp_path / "models"),
                         resume_dir=str(tmp_path / "resume"), monitor_system=False)
     params = parse_params(raw)
+    assert params.decode.enabled and params.train.workers == "auto"
+    decode_stage(root, generated, params.decode.out, True, 2)  # the recipe reads the cache
     try:
         record = fit(params.model, params.train, params.data.root, params.data.generated,
-                     tmp_path / "live", identity=sections_dict(params, "data", "synthesize"))
+                     tmp_path / "live", identity=sections_dict(params, "data", "synthesize"),
+                     decoded=params.decode.out)
     finally:
         torch.use_deterministic_algorithms(False)
     last = ckpt.load(tmp_path / "models" / "last.pt")

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from fcn import checkpoint as ckpt
-from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
+from fcn.train.augment import Recipe
+from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler
 from fcn.train.distributed import Context
 from fcn.train.loop import (NonFiniteLossError, build_criterion, build_optimizer, build_scheduler,
                              train_one_epoch, validate)
@@ -221,7 +222,7 @@ def test_best_checkpoint_loads_weights_only_and_rebuilds_the_model(tiny_dataset,
 def test_a_few_images_overfit_to_miou_above_0_9(tiny_dataset, masks):
     torch.manual_seed(0)
     train = SegmentationDataset(tiny_dataset, masks, "train",
-                                train_transform([64, 128], [1.0, 1.0], False, 0.0))
+                                Recipe.of([64, 128], [1.0, 1.0], False, 0.0))
     train.pairs = train.pairs[:2]
     loader = DataLoader(train, batch_size=2, sampler=SeededSampler(train, seed=0))
     params = TrainParams(lr=2e-3, epochs=80, weight_decay=0.0)  # 1 step per epoch

@@ -34,11 +34,12 @@ def write_masks(root: Path, generated: Path) -> None:
 
 
 def tiny_params(root: Path, generated: Path, out: Path, **train: Any) -> dict[str, Any]:
-    """params.yaml content for a seconds-long CPU run on the tiny dataset; the run's state
-    folders go to `<out's parent>/resume` (not the user's cache)."""
+    """params.yaml content for a seconds-long CPU run on the tiny dataset (read from the PNGs);
+    the run's state folders go to `<out's parent>/resume` (not the user's cache)."""
     params = default_params_dict()
     params["data"] = {**params["data"], "root": str(root), "generated": str(generated)}
     params["synthesize"] = dataclasses.asdict(TINY)
+    params["decode"]["enabled"] = False  # no decode stage ran: the loader reads the PNGs
     params["train"].update(epochs=2, batch_size=2, crop=[64, 64], workers=0, nproc=1,
                            device="cpu", out=str(out), resume_dir=str(out.parent / "resume"))
     params["train"].update(train)

@@ -1,119 +1,38 @@
-"""Datasets and paired transforms: Cityscapes images with their generated trainId masks.
+"""The training and validation datasets, and the samplers that feed them to one or more ranks.
 
-Images come from `data.root`, their labelTrainIds masks from the masks stage's `data.generated`
-(paths: fcn.cityscapes.layout), paired by stem. Every pair
-is checked (mask present, same size) when the dataset is built, before any training starts.
+A dataset reads its pairs (`fcn.train.pairs`) either from the PNGs or, when the decode stage
+wrote them, from memory-mapped raw arrays (`fcn.train.decoded`): only the rows and columns a
+crop needs are read. Training samples are augmented on the loader side in uint8
+(`fcn.train.augment`: scale, crop, flip) and carry their photometric parameters to the device
+(`fcn.train.photometric`); validation samples are whole uint8 images. The training loop turns
+both into float on the device.
 
-Decoding uses `torchvision.io.decode_png` (`fcn.images.read_tensor`): it returns the CHW uint8
-tensor the transforms want, and measures faster than PIL + permute (`benchmarks/decode.py`).
-
-Augmentation is deterministic: each training sample is transformed under its own seed,
-derived from (train seed, epoch, dataset index) by `sample_seed`. The result does not depend
-on which worker or rank loads the sample, nor on what ran before, so a resumed run sees
-exactly the crops an uninterrupted one would.
+Augmentation is deterministic: each training sample is drawn under its own seed, derived from
+(train seed, epoch, dataset index) by `sample_seed`. The result does not depend on which worker
+or rank loads the sample, nor on what ran before, nor on whether the pixels came from the PNGs
+or the decoded cache, so a resumed run sees exactly the crops an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-from fcn.cityscapes import layout
-from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
 from fcn.errors import DataError
-from fcn.images import read_size, read_tensor
+from fcn.images import MAX_PIXELS
+from fcn.train import decoded as cache
+from fcn.train.augment import Recipe, crop_pair, draw
+from fcn.train.pairs import Pair, find_pairs, load_pair
 
-MASK_ENCODING = "labelTrainIds"
-
-
-@dataclass(frozen=True)
-class Pair:
-    image: Path
-    mask: Path
-
-    @property
-    def stem(self) -> str:
-        return layout.stem_of(self.image)
-
-
-def find_pairs(root: str | Path, generated: str | Path, split: str) -> list[Pair]:
-    """Every image of `split` with its mask, sorted by path; each pair checked for presence
-    and size, so a bad dataset fails here, before training, naming both files."""
-    pairs = []
-    for image in layout.list_images(root, split):
-        mask = layout.mask_path(generated, split, layout.stem_of(image), MASK_ENCODING)
-        if not mask.is_file():
-            raise DataError(f"{mask}: mask missing for image {image} (run the masks stage)")
-        image_size, mask_size = read_size(image), read_size(mask, "mask")
-        if image_size != mask_size:
-            raise DataError(f"image {image} is {image_size[0]}x{image_size[1]} but its mask "
-                            f"{mask} is {mask_size[0]}x{mask_size[1]} (width x height)")
-        pairs.append(Pair(image, mask))
-    return pairs
-
-
-def load_pair(pair: Pair) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    """The image (uint8[3, H, W]) and its trainId mask (uint8[1, H, W]), checked."""
-    image = read_tensor(pair.image, 3)
-    mask = read_tensor(pair.mask, 1, "mask")
-    if image.shape[-2:] != mask.shape[-2:]:
-        raise DataError(f"image {pair.image} is {tuple(image.shape[-2:])} but its mask "
-                        f"{pair.mask} is {tuple(mask.shape[-2:])} (height, width)")
-    bad = (mask >= NUM_CLASSES) & (mask != IGNORE_INDEX)
-    if bad.any():
-        value = int(mask[bad][0])
-        raise DataError(f"{pair.mask}: trainId {value} is neither a class "
-                        f"(0..{NUM_CLASSES - 1}) nor ignore ({IGNORE_INDEX})")
-    return tv_tensors.Image(image), tv_tensors.Mask(mask)
-
-
-class RandomScale(v2.Transform):
-    """Resize by a factor drawn uniformly from [low, high] (image bilinear, mask nearest)."""
-
-    def __init__(self, low: float, high: float) -> None:
-        super().__init__()
-        self.low, self.high = low, high
-
-    def make_params(self, flat_inputs: list) -> dict:
-        height, width = v2.query_size(flat_inputs)
-        factor = self.low + (self.high - self.low) * float(torch.rand(()))
-        return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
-
-    def transform(self, inpt, params: dict):
-        return self._call_kernel(TF.resize, inpt, params["size"], antialias=True)
-
-
-def train_transform(crop: Sequence[int], scale: Sequence[float], flip: bool,
-                    jitter: float) -> v2.Transform:
-    """Random rescale, crop (padding the mask with ignore), flip, optional photometric jitter;
-    the image ends as float in [0, 1], the mask as int64 trainIds."""
-    steps: list[v2.Transform] = [
-        RandomScale(scale[0], scale[1]),
-        v2.RandomCrop(list(crop), pad_if_needed=True,
-                      fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-    ]
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if jitter > 0:
-        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter,
-                                    hue=min(0.5, jitter / 4)))
-    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64,
-                             "others": None}, scale=True))
-    return v2.Compose(steps)
-
-
-def eval_transform() -> v2.Transform:
-    """Whole images: only the conversion to float image and int64 mask."""
-    return v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64,
-                       "others": None}, scale=True)
+Sample = tuple[torch.Tensor, ...]
+"""(image uint8[3, H, W], mask uint8[H, W]) and, for a jittered training sample, its
+photometric parameters float[8]."""
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -122,33 +41,85 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class SegmentationDataset(Dataset):
-    """(image float[3, H, W] in [0, 1], mask int64[H, W]) pairs of one split or several
-    (their pairs one after the other, e.g. train then val for train+val training).
+def _rows(array: np.ndarray, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """A copy of array[top:top+height, left:left+width] as uint8[C, height, width]."""
+    block = np.ascontiguousarray(array[top:top + height, left:left + width])
+    tensor = torch.from_numpy(block)
+    return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor.unsqueeze(0)
 
-    Indexed either by an int (no randomness) or, for training, by `(index, seed)` tuples
-    as `SeededSampler` yields them: the transform then runs under that seed.
+
+class SegmentationDataset(Dataset):
+    """The pairs of one split or several (one after the other, e.g. train then val for
+    train+val training).
+
+    Without a `recipe`, item `i` is the whole image and mask (uint8). With one, items are
+    indexed by `(index, seed)` tuples as `SeededSampler` yields them (an int draws from the
+    global generator): a crop drawn under that seed, plus its jitter vector if jitter is on.
+    `decoded`: the decode stage's folder, read instead of the PNGs.
     """
 
     def __init__(self, root: str | Path, generated: str | Path, split: str | Sequence[str],
-                 transform: v2.Transform | None = None) -> None:
+                 recipe: Recipe | None = None, decoded: str | Path | None = None,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.splits = (split,) if isinstance(split, str) else tuple(split)
-        self.pairs = [pair for s in self.splits for pair in find_pairs(root, generated, s)]
-        self.transform = transform if transform is not None else eval_transform()
+        self.recipe = recipe
+        self.max_pixels = max_pixels
+        self.pairs: list[Pair] = []
+        self.arrays: list[tuple[Path, Path]] = []
+        for s in self.splits:
+            pairs = find_pairs(root, generated, s, max_pixels)
+            self.pairs += pairs
+            if decoded is not None:
+                sizes = cache.check_covers(decoded, s, [p.stem for p in pairs])
+                for pair in pairs:
+                    if sizes[pair.stem] != pair.size:
+                        raise DataError(
+                            f"{cache.array_path(decoded, s, pair.stem, 'image')}: decoded at "
+                            f"{sizes[pair.stem]} but {pair.image} is {pair.size} (height, "
+                            "width; rerun the decode stage)")
+                    image = cache.array_path(decoded, s, pair.stem, "image")
+                    mask = cache.array_path(decoded, s, pair.stem, "mask")
+                    for path, kind in ((image, "image"), (mask, "mask")):
+                        cache.open_array(path, kind, *pair.size, max_pixels)  # header check
+                    self.arrays.append((image, mask))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _memmaps(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = self.arrays[index]
+        size = self.pairs[index].size
+        return (cache.open_array(image, "image", *size, self.max_pixels),
+                cache.open_array(mask, "mask", *size, self.max_pixels))
+
+    def whole(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8[3, H, W], mask uint8[H, W]) of pair `index`."""
+        if not self.arrays:
+            return load_pair(self.pairs[index], self.max_pixels)
+        image, mask = self._memmaps(index)
+        return (torch.from_numpy(np.array(image)).permute(2, 0, 1),
+                torch.from_numpy(np.array(mask)))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image, mask = load_pair(self.pairs[index])
+        if self.recipe is None:
+            return self.whole(index)
+        size = self.pairs[index].size
         if seed is None:
-            image, mask = self.transform(image, mask)
+            d = draw(self.recipe, *size)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                image, mask = self.transform(image, mask)
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)[0]
+                d = draw(self.recipe, *size)
+        if self.arrays:
+            image, mask = self._memmaps(index)
+            regions = (lambda *box: _rows(image, *box), lambda *box: _rows(mask, *box))
+        else:
+            image_t, mask_t = load_pair(self.pairs[index], self.max_pixels)
+            regions = (lambda t, l, h, w: image_t[:, t:t + h, l:l + w],
+                       lambda t, l, h, w: mask_t[None, t:t + h, l:l + w])
+        image_crop, mask_crop = crop_pair(*regions, size, d, self.recipe.crop)
+        return (image_crop, mask_crop) if d.jitter is None else (image_crop, mask_crop, d.jitter)
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -188,3 +159,16 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
+
+
+def worker_count(choice: int | str, device: torch.device, processes: int) -> int:
+    """`train.workers`: a number as given; `auto` → 0 on a CPU device (the model already uses
+    every core, and loading in the main process costs no copies between processes), else the
+    cores this process may use divided among the local training processes, one left to each
+    process itself, at most 16."""
+    if choice != "auto":
+        return int(choice)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, (cores or 1) // max(1, processes) - 1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -28,7 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from fcn import checkpoint as ckpt
-from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, train_transform
+from fcn.images import MAX_PIXELS
+from fcn.train.augment import Recipe
+from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, worker_count
 from fcn.train import resume
 from fcn.train.distributed import Context, broadcast_buffers, setup, teardown
 from fcn.errors import FcnError
@@ -63,22 +66,29 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def make_loaders(root: str | Path, generated: str | Path, t: TrainParams,
-                 context: Context) -> tuple[DataLoader, DataLoader]:
-    train_set = SegmentationDataset(root, generated, t.splits,
-                                    train_transform(t.crop, t.scale, t.flip, t.jitter))
-    val_set = SegmentationDataset(root, generated, "val")
+def make_loaders(root: str | Path, generated: str | Path, t: TrainParams, context: Context,
+                 decoded: str | Path | None = None,
+                 max_pixels: int = MAX_PIXELS) -> tuple[DataLoader, DataLoader]:
+    """The train loader (seeded crops, uint8, `train.workers` processes, pinned and prefetched
+    for CUDA) and the val loader (whole uint8 images, sharded over ranks)."""
+    recipe = Recipe.of(t.crop, t.scale, t.flip, t.jitter)
+    train_set = SegmentationDataset(root, generated, t.splits, recipe, decoded, max_pixels)
+    val_set = SegmentationDataset(root, generated, "val", None, decoded, max_pixels)
+    workers = worker_count(t.workers, context.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    log.info("data: %s, %d loader worker(s)%s", f"decoded cache {decoded}" if decoded
+             else "PNG files", workers, " (train.workers auto)" if t.workers == "auto" else "")
     pin = context.device.type == "cuda"
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
     train_loader = DataLoader(
         train_set, batch_size=t.batch_size,
         sampler=SeededSampler(train_set, t.seed, context.rank, context.world_size),
-        num_workers=t.workers, persistent_workers=t.workers > 0, pin_memory=pin,
+        num_workers=workers, pin_memory=pin,
         drop_last=len(train_set) // context.world_size >= t.batch_size,
-        generator=torch.Generator().manual_seed(t.seed))
+        generator=torch.Generator().manual_seed(t.seed), **extra)
     val_loader = DataLoader(  # one whole image per forward: exact whatever the sharding
         val_set, batch_size=1,
         sampler=ShardSampler(len(val_set), context.rank, context.world_size),
-        num_workers=t.workers, persistent_workers=t.workers > 0, pin_memory=pin)
+        num_workers=workers, pin_memory=pin, **extra)
     return train_loader, val_loader
 
 
@@ -156,15 +166,17 @@ def _log_epoch(record: dict[str, Any], epochs: int, seconds: float) -> None:
 def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str | Path,
         live_dir: str | Path = "metrics/train",
         identity: Mapping[str, Mapping[str, Any]] | None = None,
-        class_weights_file: str | Path | None = None) -> dict[str, Any]:
+        class_weights_file: str | Path | None = None, decoded: str | Path | None = None,
+        max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """Train as `model`/`train` say on the images under `root` and the masks under
     `generated`; returns the last epoch's record. Checkpoints go to the run's state folder
     (`<train.resume_dir>/<hash>/`), which a killed run resumes from; when the run ends, best.pt
     and last.pt move to `train.out`. A finished run's `<train.out>/last.pt` with the same hash
     is not trained again. `identity`: further sections (plain data) that name the data, so a
     checkpoint of other data is not resumed; `class_weights_file`: the class_weights stage's
-    output, read when train.class_weights names a scheme. Every rank calls this under
-    torchrun."""
+    output, read when train.class_weights names a scheme; `decoded`: the decode stage's cache,
+    read instead of the PNGs (the same samples either way); `max_pixels`: data.max_pixels.
+    Every rank calls this under torchrun."""
     context = setup(train.device)
     if not context.is_main:
         logging.getLogger("fcn").setLevel(logging.WARNING)
@@ -179,11 +191,11 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     try:
         if not context.is_main:
             return _fit(model, train, Path(root), Path(generated), hashed, context, directory,
-                        Path(train.out), Path(live_dir), weights)
+                        Path(train.out), Path(live_dir), weights, decoded, max_pixels)
         with resume.locked(directory, hashed):
             log.info("training state: %s", directory)
             return _fit(model, train, Path(root), Path(generated), hashed, context, directory,
-                        Path(train.out), Path(live_dir), weights)
+                        Path(train.out), Path(live_dir), weights, decoded, max_pixels)
     finally:
         teardown(context)
 
@@ -215,13 +227,14 @@ def _sync_batchnorm(model: torch.nn.Module, enabled: bool, context: Context) -> 
 
 def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
          hashed: Mapping[str, Any], context: Context, directory: Path | None, out: Path,
-         live_dir: Path, class_weights: list[float] | None) -> dict[str, Any]:
+         live_dir: Path, class_weights: list[float] | None, decoded: str | Path | None,
+         max_pixels: int) -> dict[str, Any]:
     device = context.device
     configure_determinism(device)
     if device.type == "cpu" and t.precision != "fp32":
         log.info("train.precision %s applies on CUDA only: training on CPU in fp32",
                  t.precision)
-    train_loader, val_loader = make_loaders(root, generated, t, context)
+    train_loader, val_loader = make_loaders(root, generated, t, context, decoded, max_pixels)
     trains_on_val = "val" in t.splits
     if trains_on_val:
         log.warning("train.splits includes val: validation then scores images the model "

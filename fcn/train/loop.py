@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fcn.device import autocast
+from fcn.train import photometric
 from fcn.train.distributed import Context, all_reduce_sum, any_rank
 from fcn.errors import FcnError
 from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
@@ -94,6 +95,18 @@ def build_criterion(class_weights: Sequence[float] | None,
     return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
 
 
+def to_device(batch: Sequence[torch.Tensor],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch → (float images in [0, 1], int64 targets) on `device`: uint8 crops are
+    converted there, and jittered there when the batch carries photometric parameters
+    (`fcn.train.photometric`), so the loader's cores never do float work."""
+    images, targets, *jitter = batch
+    images = photometric.to_float(images.to(device, non_blocking=True))
+    if jitter:
+        images = photometric.jitter(images, jitter[0])
+    return images, targets.to(device, non_blocking=True).long()
+
+
 def _progress(iterable: Iterable, context: Context, desc: str, total: int) -> Iterable:
     return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False,
                 disable=not context.is_main)
@@ -141,12 +154,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
     optimizer.zero_grad(set_to_none=True)
     started, samples = time.perf_counter(), 0
     batches = _Timed(_progress(loader, context, f"train {epoch}", total))
-    for images, targets in batches:
+    for batch in batches:
         position = passes % accumulate
         group = min(accumulate, total - (passes - position))  # batches in this step
         last = position == group - 1
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = to_device(batch, device)
         syncing = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with syncing:
             with autocast(device, precision):
@@ -194,9 +206,8 @@ def validate(model: nn.Module, loader: Iterable, criterion: nn.CrossEntropyLoss,
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # weighted loss, weight
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     weight = criterion.weight
-    for images, targets in _progress(loader, context, desc, len(loader)):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+    for batch in _progress(loader, context, desc, len(loader)):
+        images, targets = to_device(batch, device)
         with autocast(device, precision):
             logits = model(images).float()
         pixel_loss = nn.functional.cross_entropy(logits, targets, weight=weight,

@@ -1,0 +1,158 @@
+"""Stage `decode`: the training images and their trainId masks as raw uint8 arrays, decoded once,
+which the train loader memory-maps instead of decoding a PNG per sample.
+
+Decoding a 1024×2048 PNG photo costs 25–45 ms in every decoder (docs/performance.md); a crop
+read from a memory-mapped array costs a copy of the rows it needs. At real scale the arrays
+take ~6 MB per image and ~2 MB per mask (train + val: ~28 GB), which is why the cache is
+optional (`decode.enabled`): disabled, the stage writes only its index and the loader decodes
+the PNGs.
+
+Layout under `out`: `<split>/<city>/<stem>.image.npy` (uint8 [H, W, 3], RGB) and
+`<stem>.mask.npy` (uint8 [H, W], trainIds), plus `index.json` (format, whether arrays were
+written, and every split's stems with their height and width). Mask values are checked once
+here (each a class or ignore); the reader checks every array's header (dtype, shape equal to
+the index's, at most `max_pixels`) before mapping it, so a damaged or foreign file is a one-line
+error, never a wrong sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from fcn.atomic import atomic_dir, write_json
+from fcn.cityscapes import layout
+from fcn.errors import DataError
+from fcn.images import MAX_PIXELS, check_pixels
+from fcn.train.pairs import find_pairs, load_pair
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+INDEX = "index.json"
+KINDS = {"image": 3, "mask": 1}
+"""Array kind → channels."""
+SPLITS = ("train", "val")
+"""What training reads: the train split, and val (validation, or training on train+val)."""
+
+
+def array_path(out: str | Path, split: str, stem: str, kind: str) -> Path:
+    """`<out>/<split>/<city>/<stem>.<kind>.npy`."""
+    return Path(out) / split / layout.city_of(stem) / f"{stem}.{kind}.npy"
+
+
+def _decode_one(task: tuple[Any, ...]) -> tuple[str, int, int]:
+    """Decode one pair into `out` (a private folder); (stem, height, width)."""
+    split, pair, out, max_pixels = task
+    image, mask = load_pair(pair, max_pixels)
+    stem = pair.stem
+    for kind, array in (("image", image.permute(1, 2, 0)), ("mask", mask)):
+        path = array_path(out, split, stem, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.ascontiguousarray(array.numpy()), allow_pickle=False)
+    return stem, int(image.shape[1]), int(image.shape[2])
+
+
+def decode_stage(root: str | Path, generated: str | Path, out: str | Path, enabled: bool,
+                 workers: int, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+    """Write the cache of the train and val splits under `out` (replacing it whole, atomically)
+    when `enabled`, else only its index; returns the index."""
+    pairs = {split: find_pairs(root, generated, split, max_pixels) for split in SPLITS}
+    index: dict[str, Any] = {"format": FORMAT, "enabled": enabled, "splits": {}}
+    with atomic_dir(out) as tmp:
+        if enabled:
+            tasks = [(split, pair, tmp, max_pixels) for split in SPLITS for pair in pairs[split]]
+            done: dict[str, list[list[Any]]] = {split: [] for split in SPLITS}
+            with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding releases the GIL
+                for (split, *_), (stem, h, w) in zip(tasks, tqdm(
+                        pool.map(_decode_one, tasks), total=len(tasks), desc="decode",
+                        unit="img")):
+                    done[split].append([stem, h, w])
+            index["splits"] = done
+            nbytes = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy"))
+            log.info("decoded %d images and masks into %s (%.1f MB)", len(tasks), out,
+                     nbytes / 1e6)
+        else:
+            log.info("decode.enabled is false: the train loader decodes the PNGs; %s holds "
+                     "only its index", out)
+        write_json(Path(tmp) / INDEX, index)
+    return index
+
+
+def read_index(out: str | Path) -> dict[str, Any]:
+    """The cache's index; a missing or foreign one is an error naming it."""
+    path = Path(out) / INDEX
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: decoded cache index not found (run the decode stage)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the decoded cache index ({exc})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise DataError(f"{path}: not a decoded cache index of format {FORMAT}")
+    return index
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of an .npy file, from its header alone."""
+    with path.open("rb") as file:
+        version = np.lib.format.read_magic(file)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unknown .npy format version {version}")
+        shape, fortran, dtype = read(file, max_header_size=10000)
+        if fortran:
+            raise ValueError("Fortran-ordered array")
+        return shape, dtype, file.tell()
+
+
+def open_array(path: Path, kind: str, height: int, width: int,
+               max_pixels: int = MAX_PIXELS) -> np.memmap:
+    """The array at `path`, memory-mapped read-only, after its header is checked: uint8 of
+    shape [height, width(, 3)] (the index's size, itself within `max_pixels`)."""
+    check_pixels(path, kind, (width, height), max_pixels)
+    expected = (height, width, 3) if KINDS[kind] == 3 else (height, width)
+    try:
+        shape, dtype, offset = _header(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: decoded {kind} not found (rerun the decode stage)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+    if shape != expected or dtype != np.uint8:
+        raise DataError(f"{path}: decoded {kind} is {dtype} {shape}, expected uint8 {expected} "
+                        "(the index's size; rerun the decode stage)")
+    size = path.stat().st_size
+    if size != offset + int(np.prod(expected)):
+        raise DataError(f"{path}: decoded {kind} is truncated or padded ({size} bytes, expected "
+                        f"{offset + int(np.prod(expected))})")
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=expected)
+
+
+def split_sizes(out: str | Path, split: str) -> dict[str, tuple[int, int]]:
+    """stem → (height, width) of a decoded split; an error if the cache does not hold it."""
+    index = read_index(out)
+    if not index.get("enabled"):
+        raise DataError(f"{Path(out) / INDEX}: the cache holds no arrays (decode.enabled was "
+                        "false when it was built)")
+    entries = index.get("splits", {}).get(split)
+    if not isinstance(entries, list):
+        raise DataError(f"{Path(out) / INDEX}: split {split!r} not decoded")
+    return {stem: (int(h), int(w)) for stem, h, w in entries}
+
+
+def check_covers(out: str | Path, split: str, stems: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """The sizes of `stems` in the cache; a stem it lacks is an error (a stale cache)."""
+    sizes = split_sizes(out, split)
+    missing = [s for s in stems if s not in sizes]
+    if missing:
+        raise DataError(f"{Path(out) / INDEX}: {len(missing)} {split} image(s) not in the decoded "
+                        f"cache, e.g. {missing[0]} (rerun the decode stage)")
+    return sizes

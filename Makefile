@@ -2,6 +2,8 @@
 #   make repro   – create/reuse .venv, install the project, run the whole DVC pipeline
 #   make test    – create/reuse .venv, install the project with test extras, run the tests
 #   make docs    – regenerate the docs' figures and parameter reference from committed files
+#   make gpu-check – prove the CUDA paths on a GPU (≤ 8 min), or their dry mode without one;
+#                  summary table on stdout, every figure in gpu_check.json (docs/gpu-check.md)
 # VENV=/path reuses a virtual environment elsewhere.
 
 VENV ?= .venv
@@ -10,7 +12,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
 
-.PHONY: install repro test docs clean browser
+.PHONY: install repro test docs gpu-check clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +40,9 @@ test: install browser
 
 docs: install
 	$(PY) docs/generate.py
+
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf dvc_plots .pytest_cache

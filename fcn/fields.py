@@ -9,6 +9,7 @@ the numbers in a list.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import field
@@ -34,6 +35,16 @@ def type_name(tp: Any) -> str:
         return f"a list of {type_name(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxdict = 6
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """repr, cut to a line: a wrong value may be a huge list, and the message stays one line."""
+    return _REPR.repr(value)
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -71,7 +82,7 @@ def _range_problem(value: Any, meta: dict[str, Any]) -> str | None:
 
 def check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
-        problems.append(f"{name}: expected a mapping of parameters, got {raw!r}")
+        problems.append(f"{name}: expected a mapping of parameters, got {_short(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -84,7 +95,7 @@ def check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
             continue
         value, tp = raw[key], hints[key]
         if not _matches(value, tp):
-            problems.append(f"{name}.{key}: expected {type_name(tp)}, got {value!r}")
+            problems.append(f"{name}.{key}: expected {type_name(tp)}, got {_short(value)}")
             continue
         problem = _range_problem(value, f.metadata)
         if problem:

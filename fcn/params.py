@@ -128,6 +128,8 @@ class TrainParams:
         "pixel histogram by the class_weights stage: enet (1/ln(1.02 + p)) or median_frequency")
     patience: int | None = _p(None, ge=1, help="early stopping: stop after this many epochs "
                               "without a val mIoU gain (null = off)")
+    val_every: int = _p(1, ge=1, help="validate after every N-th epoch and after the last "
+                        "(best.pt and patience consider validated epochs only)")
     sync_bn: bool = _p(False, help="SyncBatchNorm across processes under DDP on CUDA (batch "
                        "statistics of the global batch); plain BN otherwise, with a log line")
     monitor_system: bool = _p(True, help="DVCLive system metrics (CPU, RAM, GPU) while training")
@@ -332,15 +334,38 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
     return params
 
 
+MAX_PARAMS_BYTES = 2**20
+"""params.yaml is a few KB; a file above 1 MiB is refused before it is parsed."""
+
+
+class _NoAliases(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases: `*anchor` lets a 10-line file expand to billions of
+    items (a "billion laughs"), and params.yaml has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in params, line {mark.line + 1}")
+        return super().compose_node(parent, index)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml (yaml.safe_load; never executes YAML tags)."""
+    """Read and validate params.yaml: safe loading (never executes YAML tags), at most
+    MAX_PARAMS_BYTES, no aliases."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_PARAMS_BYTES + 1)
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: larger than {MAX_PARAMS_BYTES} bytes; a params file is a "
+                              "few KB")
+        raw = yaml.load(data.decode("utf-8"), Loader=_NoAliases)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_params(raw, str(path))
 
 

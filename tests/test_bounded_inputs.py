@@ -29,7 +29,7 @@ from PIL import Image
 from fcn.cityscapes import annotations
 from fcn.cityscapes.annotations import read_annotation
 from fcn.cityscapes.layout import mask_path
-from fcn.errors import DataError
+from fcn.errors import DataError, ParamsError
 from fcn.images import MAX_PIXELS, read_labels, read_rgb, read_size, read_tensor
 from fcn.masks.generate import generate
 from fcn.params import DataParams, default_params_dict, load_params
@@ -133,6 +133,29 @@ def test_the_limit_is_a_validated_data_parameter(tmp_path):
 
 # --- finding 1: a 200000x200000 annotation -----------------------------------------------------
 
+def test_params_files_are_bounded_and_aliases_refused(tmp_path):
+    """A 10-line params.yaml whose aliases expand to 10**9 items is refused before anything is
+    expanded; so is a file far larger than any params file; wrong values print shortened."""
+    laughs = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(laughs) + "\ndata: {root: *i}\n")
+    with pytest.raises(ParamsError, match=r"aliases \(\*name\) are not allowed in params, line 2"):
+        load_params(bomb)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 2**20 + "\n")
+    with pytest.raises(ParamsError, match="larger than 1048576 bytes"):
+        load_params(big)
+    raw = default_params_dict()
+    raw["data"]["max_pixels"] = list(range(10**5))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as error:
+        load_params(wrong)
+    assert "data.max_pixels: expected an integer, got [0, 1, 2, 3, 4, 5, ...]" in str(error.value)
+    assert len(str(error.value)) < 500
+
+
 def test_huge_annotation_is_refused_before_rendering_under_a_memory_limit(tmp_path):
     """Before: the masks stage allocated 40 G pixels and the OOM killer ended it (exit 137).
     Under a 2 GiB address-space limit a regression fails here with a MemoryError traceback."""
@@ -195,7 +218,7 @@ READERS = textwrap.dedent("""
     from pathlib import Path
     import torch  # before the limit: importing it maps ~3.5 GB of address space
     from fcn.cityscapes.scoring import EvalFiles, evaluate_files
-    from fcn.errors import DataError
+    from fcn.errors import DataError, ParamsError
     from fcn.images import read_labels, read_rgb, read_rgba, read_size, read_tensor
     from fcn.masks.agreement import read_shipped
 

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fcn8s_vgg11bn_512x1024_80k_cityscapes.args"
 
 
-def recipe() -> dict[str, dict]:
-    """The recipe's overrides as params sections (values read as DVC's -S reads them: YAML)."""
+def recipe(path: Path = RECIPE) -> dict[str, dict]:
+    """The overrides of a recipe file as params sections (values read as DVC's -S reads them:
+    YAML)."""
     sections: dict[str, dict] = {}
-    for dotted, value in re.findall(r"^-S (\S+?)=(\S+)$", RECIPE.read_text(), re.MULTILINE):
+    for dotted, value in re.findall(r"^-S (\S+?)=(\S+)$", path.read_text(), re.MULTILINE):
         section, key = dotted.split(".")
         sections.setdefault(section, {})[key] = yaml.safe_load(value)
     return sections
@@ -47,6 +48,21 @@ def test_the_recipe_is_the_published_fcn_schedule():
     for section, values in recipe().items():
         raw[section].update(values)
     parse_params(raw)  # every override is a valid parameter
+
+
+def test_the_rehearsal_runs_every_stage_at_full_resolution_on_a_few_images():
+    """recipes/rehearsal_1024x2048.args (docs/performance.md; benchmarks/rehearsal.py applies
+    the same file): valid, 1024x2048, a few images per split, the recipe's augmentation."""
+    overrides = recipe(ROOT / "recipes" / "rehearsal_1024x2048.args")
+    raw = default_params_dict()
+    for section, values in overrides.items():
+        raw[section].update(values)
+    params = parse_params(raw)
+    s = params.synthesize
+    assert (s.height, s.width) == (1024, 2048)
+    assert s.train_per_city * len(s.train_cities) <= 4 and s.test_per_city <= 2
+    assert (params.train.crop, params.train.scale) == ([512, 1024], [0.5, 2.0])
+    assert params.decode.enabled and params.train.iterations is not None
 
 
 @pytest.mark.slow

@@ -171,6 +171,22 @@ def test_early_stopping_stops_at_the_right_epoch_and_keeps_the_best(tiny_dataset
     assert ckpt.load(tmp_path / "models" / "last.pt")["epoch"] == 5
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch(tiny_dataset, masks, tmp_path,
+                                                         monkeypatch):
+    _scripted_validation(monkeypatch, [0.5, 0.3, 0.4])  # after epochs 2, 4 and 5 (the last)
+    params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=5,
+                                      val_every=2, monitor_system=False))
+    record = run_fit(params, tmp_path / "live")
+    history = ckpt.load(tmp_path / "models" / "last.pt")["history"]
+    assert ["val/miou" in r for r in history] == [False, True, False, True, True]
+    assert ckpt.load(tmp_path / "models" / "best.pt")["epoch"] == 2  # the best validated one
+    assert record["best/epoch"] == 1 and math.isclose(record["best/val_miou"], 0.25)
+    val = (tmp_path / "live" / "plots" / "metrics" / "val" / "miou.tsv").read_text()
+    assert [line.split("\t")[0] for line in val.splitlines()[1:]] == ["1", "3", "4"]  # step
+    train = (tmp_path / "live" / "plots" / "metrics" / "train" / "miou.tsv").read_text()
+    assert train.count("\n") == 6  # header + every epoch
+
+
 def test_training_on_train_and_val_selects_the_last_epoch(tiny_dataset, masks, tmp_path,
                                                           monkeypatch, caplog):
     _scripted_validation(monkeypatch, [0.6, 0.2, 0.1])

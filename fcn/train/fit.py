@@ -123,9 +123,10 @@ class LiveLog:
 
     def log(self, record: dict[str, Any]) -> None:
         self.live.step = record["epoch"]
-        for split in ("train", "val"):
+        for split in ("train", "val"):  # val is absent from epochs train.val_every skips
             for name in METRICS:
-                self.live.log_metric(f"{split}/{name}", record[f"{split}/{name}"])
+                if f"{split}/{name}" in record:
+                    self.live.log_metric(f"{split}/{name}", record[f"{split}/{name}"])
         for name in CLASS_NAMES:
             key = f"val/iou/{name}"
             if key in record:
@@ -157,10 +158,18 @@ def _better(miou: float, best: float) -> bool:
 
 
 def _log_epoch(record: dict[str, Any], epochs: int, seconds: float) -> None:
-    log.info("epoch %d/%d (%.0f s): train loss %.4f mIoU %.4f | val loss %.4f mIoU %.4f "
-             "mDice %.4f mAcc %.4f", record["epoch"] + 1, epochs, seconds,
-             record["train/loss"], record["train/miou"], record["val/loss"],
-             record["val/miou"], record["val/mean_dice"], record["val/mean_pixel_accuracy"])
+    val = ("not validated (train.val_every)" if "val/miou" not in record else
+           "val loss {:.4f} mIoU {:.4f} mDice {:.4f} mAcc {:.4f}".format(
+               record["val/loss"], record["val/miou"], record["val/mean_dice"],
+               record["val/mean_pixel_accuracy"]))
+    log.info("epoch %d/%d (%.0f s, data wait %.0f%%): train loss %.4f mIoU %.4f | %s",
+             record["epoch"] + 1, epochs, seconds, 100 * record["time/data_fraction"],
+             record["train/loss"], record["train/miou"], val)
+
+
+def validates(epoch: int, epochs: int, every: int) -> bool:
+    """Whether epoch `epoch` (from 0) of `epochs` is validated: every `every`-th, and the last."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 
 def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str | Path,
@@ -294,20 +303,29 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                                       max_steps=total_steps - scheduler.last_epoch)
             broadcast_buffers(model, context)
             validating = time.perf_counter()
-            validated = validate(model, val_loader, criterion, context, t.precision)
-            if not math.isfinite(validated.loss):
-                raise NonFiniteLossError(
-                    f"non-finite validation loss after epoch {epoch + 1}: the weights diverged; "
-                    "stopped without saving, the last checkpoint is the last good one")
+            val_scores: dict[str, float] = {}
+            checked = validates(epoch, epochs, t.val_every)
+            if checked:
+                validated = validate(model, val_loader, criterion, context, t.precision)
+                if not math.isfinite(validated.loss):
+                    raise NonFiniteLossError(
+                        f"non-finite validation loss after epoch {epoch + 1}: the weights "
+                        "diverged; stopped without saving, the last checkpoint is the last good "
+                        "one")
+                val_scores = {f"val/{k}": v for k, v in scores(validated, per_class=True).items()}
             record = {"epoch": epoch,
                       **{f"train/{k}": v for k, v in scores(trained).items()},
-                      **{f"val/{k}": v for k, v in scores(validated, per_class=True).items()},
+                      **val_scores,
                       **timings(trained, time.perf_counter() - validating, context),
                       "lr": scheduler.get_last_lr()[0]}
-            improved = trains_on_val or _better(record["val/miou"], best_miou)
-            if improved:
-                best_miou, best_epoch = record["val/miou"], epoch
-            if t.patience is not None and epoch - best_epoch >= t.patience and epoch + 1 < epochs:
+            if trains_on_val:  # best.pt is the last epoch, validated or not
+                improved, best_miou, best_epoch = True, record.get("val/miou", math.nan), epoch
+            else:
+                improved = checked and _better(record["val/miou"], best_miou)
+                if improved:
+                    best_miou, best_epoch = record["val/miou"], epoch
+            if (checked and t.patience is not None and epoch - best_epoch >= t.patience
+                    and epoch + 1 < epochs):
                 stopped = (f"stopped early after epoch {epoch + 1}: no val mIoU gain for "
                            f"{t.patience} epochs (best {best_miou:.4f} after epoch {best_epoch + 1})")
             record.update({"best/val_miou": best_miou, "best/epoch": best_epoch,

@@ -1,0 +1,153 @@
+"""A full-resolution rehearsal of the whole pipeline, stage by stage: what each costs per image,
+its peak memory, its disk per image, and what repeating it costs.
+
+    .venv/bin/python benchmarks/rehearsal.py [--args recipes/rehearsal_1024x2048.args]
+        [--workdir DIR] [--out docs/measured/rehearsal.json]
+
+It clones this repository's HEAD into a temporary folder, applies the overrides of `--args`
+to params.yaml as `dvc exp run -S` would (the same file the documented command uses:
+`dvc exp run -n rehearsal $(cat recipes/rehearsal_1024x2048.args)`), and runs every stage in
+order with `dvc repro --single-item <stage>`, each in its own process tree, timing the wall
+clock and the peak resident memory of its largest process. Then it runs each stage's command
+again the same way: DVC finds nothing changed and only checks (hashes) the stage's
+dependencies, which is what a repeated `dvc repro` costs. Disk is the size of each stage's
+outputs in the workspace (DVC's cache holds a second copy unless it links). The train stage's
+own per-epoch timings (DVCLive `time/*`) give the cost per training sample and per validated
+image. docs/generate.py turns the JSON into the cost table of docs/performance.md, with the
+extrapolation to real Cityscapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("synthesize", "masks", "class_weights", "decode", "train", "evaluate", "export",
+          "deploy", "benchmark")
+WRAP = ("import resource, subprocess, sys\n"
+        "code = subprocess.run(sys.argv[2:]).returncode\n"
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
+        ".ru_maxrss))\n"
+        "sys.exit(code)")
+"""Runs a command and writes the peak RSS (KiB) of its largest descendant to a file."""
+
+
+def overrides(args_file: Path) -> dict[str, Any]:
+    """`-S section.key=value` lines → {dotted: value}, values read as YAML (as DVC reads them)."""
+    found = re.findall(r"^-S (\S+?)=(\S+)$", args_file.read_text(encoding="utf-8"), re.MULTILINE)
+    return {dotted: yaml.safe_load(value) for dotted, value in found}
+
+
+def apply(params_file: Path, changes: dict[str, Any]) -> dict[str, Any]:
+    params = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        params[section][key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return params
+
+
+def measured(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB of its largest process, output) of `command`."""
+    with tempfile.NamedTemporaryFile("r") as peak:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", WRAP, peak.name, *command], cwd=cwd,
+                              env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}"
+                             f"{done.stderr[-3000:]}")
+        return seconds, int(peak.read() or 0) / 1024, done.stdout + done.stderr
+
+
+def outputs(repo: Path, stage: str, params: dict[str, Any]) -> list[Path]:
+    """The workspace paths of a stage's outs, metrics and plots (${...} filled in)."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+
+    def fill(match: re.Match[str]) -> str:
+        value: Any = params
+        for part in match.group(1).split("."):
+            value = value[part]
+        return str(value)
+
+    paths = []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in spec.get(kind) or []:
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            paths.append(repo / re.sub(r"\$\{([^}]+)\}", fill, path))
+    return paths
+
+
+def size_mb(paths: list[Path]) -> float:
+    total = 0
+    for path in paths:
+        files = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return total / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--args", type=Path,
+                        default=ROOT / "recipes" / "rehearsal_1024x2048.args")
+    parser.add_argument("--workdir", type=Path, help="clone here (kept) instead of a temp dir")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fcn-rehearsal-"))
+    repo = work / "project"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
+    params = apply(repo / "params.yaml", overrides(args.args))
+    env = dict(os.environ, PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+               XDG_CACHE_HOME=str(work / "cache"))
+    synth = params["synthesize"]
+    images = {split: synth[f"{split}_per_city"] * len(synth[f"{split}_cities"])
+              for split in ("train", "val", "test")}
+    train = params["train"]
+    per_stage: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+        seconds, peak, log = measured(dvc, repo, env)
+        if f"Running stage '{stage}'" not in log:
+            raise SystemExit(f"{stage} did not run:\n{log[-3000:]}")
+        again, again_peak, log = measured(dvc, repo, env)
+        if f"Stage '{stage}' didn't change" not in log:
+            raise SystemExit(f"{stage} ran again:\n{log[-3000:]}")
+        per_stage[stage] = {"seconds": seconds, "peak_rss_mb": peak,
+                            "disk_mb": size_mb(outputs(repo, stage, params)),
+                            "repeat_seconds": again, "repeat_peak_rss_mb": again_peak}
+        print(f"{stage:14s} {seconds:7.1f} s  peak {peak:7.0f} MB  disk "
+              f"{per_stage[stage]['disk_mb']:8.1f} MB  repeat {again:5.1f} s", flush=True)
+
+    history = json.loads((repo / "metrics" / "train" / "metrics.json").read_text())
+    times = history["time"]
+    samples = train["batch_size"] * train["iterations"]
+    result = {
+        "images": images, "samples": samples, "stages": per_stage,
+        "train_last_epoch": {"data_s": times["data_s"], "compute_s": times["compute_s"],
+                             "val_s": times["val_s"], "samples_per_s": times["samples_per_s"]},
+        "params": {k: v for k, v in overrides(args.args).items()},
+        "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "command": "python benchmarks/rehearsal.py",
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result["train_last_epoch"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,10 @@ to params.yaml as `dvc exp run -S` would (the same file the documented command u
 order with `dvc repro --single-item <stage>`, each in its own process tree, timing the wall
 clock and the peak resident memory of its largest process. Then it runs each stage's command
 again the same way: DVC finds nothing changed and only checks (hashes) the stage's
-dependencies, which is what a repeated `dvc repro` costs. Disk is the size of each stage's
+dependencies, which is what a repeated `dvc repro` costs. Last, it doubles the images of
+every split and reruns the stages whose work grows with them (masks, class_weights, decode,
+evaluate, export, deploy): the difference of the two runs is the cost per image, without the
+start-up (imports, loading the model) that a few images would inflate. Disk is the size of each stage's
 outputs in the workspace (DVC's cache holds a second copy unless it links). The train stage's
 own per-epoch timings (DVCLive `time/*`) give the cost per training sample and per validated
 image. docs/generate.py turns the JSON into the cost table of docs/performance.md, with the
@@ -36,6 +39,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("synthesize", "masks", "class_weights", "decode", "train", "evaluate", "export",
           "deploy", "benchmark")
+PER_IMAGE = {"masks": ("train", "val", "test"), "class_weights": ("train",),
+             "decode": ("train", "val"), "evaluate": ("val",), "export": ("test",),
+             "deploy": ("val",)}
+"""The stages timed again on twice the images, and the splits whose images they process."""
 WRAP = ("import resource, subprocess, sys\n"
         "code = subprocess.run(sys.argv[2:]).returncode\n"
         "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
@@ -131,6 +138,19 @@ def main() -> None:
                             "repeat_seconds": again, "repeat_peak_rss_mb": again_peak}
         print(f"{stage:14s} {seconds:7.1f} s  peak {peak:7.0f} MB  disk "
               f"{per_stage[stage]['disk_mb']:8.1f} MB  repeat {again:5.1f} s", flush=True)
+
+    # a second pass with twice the images per split through the stages whose work grows with
+    # them: the difference is their cost per image, free of start-up (imports, model loading)
+    for split in ("train", "val", "test"):
+        apply(repo / "params.yaml", {f"synthesize.{split}_per_city": 2 * synth[f"{split}_per_city"]})
+    for stage in PER_IMAGE:
+        dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+        seconds, _, _ = measured(dvc, repo, env)
+        images_now = 2 * sum(images[s] for s in PER_IMAGE[stage])
+        slope = (seconds - per_stage[stage]["seconds"]) / (images_now / 2)
+        per_stage[stage].update(seconds_doubled=seconds, seconds_per_image=slope,
+                                startup_seconds=per_stage[stage]["seconds"] - slope * images_now / 2)
+        print(f"{stage:14s} x2 images {seconds:7.1f} s: {slope:.2f} s per image", flush=True)
 
     history = json.loads((repo / "metrics" / "train" / "metrics.json").read_text())
     times = history["time"]

@@ -143,9 +143,12 @@ def main() -> None:
     # them: the difference is their cost per image, free of start-up (imports, model loading)
     for split in ("train", "val", "test"):
         apply(repo / "params.yaml", {f"synthesize.{split}_per_city": 2 * synth[f"{split}_per_city"]})
+    measured([sys.executable, "-m", "dvc", "repro", "--single-item", "synthesize"], repo, env)
     for stage in PER_IMAGE:
         dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-        seconds, _, _ = measured(dvc, repo, env)
+        seconds, _, log = measured(dvc, repo, env)
+        if f"Running stage '{stage}'" not in log:
+            raise SystemExit(f"{stage} did not run on twice the images:\n{log[-3000:]}")
         images_now = 2 * sum(images[s] for s in PER_IMAGE[stage])
         slope = (seconds - per_stage[stage]["seconds"]) / (images_now / 2)
         per_stage[stage].update(seconds_doubled=seconds, seconds_per_image=slope,

@@ -139,7 +139,8 @@ class TrainParams:
         "core), on CUDA the cores per training process minus one, at most 16")
     nproc: int = _p(1, ge=1, help="processes for torchrun/DDP (the stage launches them)")
     max_restarts: int = _p(0, ge=0, help="torchrun restarts of the whole process group after a "
-                           "worker fails (nproc > 1); each restart resumes from the last epoch")
+                           "worker fails (> 0 runs under torchrun, with nproc 1 too); each "
+                           "restart resumes from the last completed epoch")
     device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     out: str = _p("models", help="final checkpoints (best.pt, last.pt), written when training "
                   "ends: a DVC-cached output, restored from the run-cache")

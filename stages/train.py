@@ -1,10 +1,11 @@
-"""Stage `train`: FCN8s on the generated masks; resumable, and multi-process when train.nproc > 1."""
+"""Stage `train`: FCN8s on the generated masks; resumable, and under torchrun when train.nproc > 1
+(DDP) or train.max_restarts > 0 (the group restarts after a worker fails, resuming)."""
 
 import sys
 
 from fcn.cli import run_stage, stage_parser
 from fcn.params import load_params, sections_dict
-from fcn.train.distributed import relaunch, under_torchrun
+from fcn.train.distributed import needs_launch, relaunch
 from fcn.train.fit import fit
 
 
@@ -17,8 +18,9 @@ def main() -> None:
                              "names a scheme (default: %(default)s)")
     args = parser.parse_args()
     params = load_params(args.params)
-    if params.train.nproc > 1 and not under_torchrun():
-        sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:]))
+    if needs_launch(params.train.nproc, params.train.max_restarts):
+        sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:],
+                          max_restarts=params.train.max_restarts))
     fit(params.model, params.train, params.data.root, params.data.generated, args.live_dir,
         identity=sections_dict(params, "data", "synthesize"),
         class_weights_file=args.class_weights,

@@ -24,7 +24,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 # The pipeline as the architecture defines it, in order; a test that needs a stage which has
 # not landed in dvc.yaml yet skips naming it (never passes without it).
-PIPELINE = ("synthesize", "masks", "class_weights", "train", "evaluate", "export", "deploy", "benchmark")
+PIPELINE = ("synthesize", "masks", "class_weights", "decode", "train", "evaluate", "export", "deploy",
+            "benchmark")
 
 # Tiny values for keys that exist in params.yaml (keys that do not exist are left out, so the
 # copy stays valid while sections grow). 64x128 images, 2-3 per city, 1 epoch, 1 benchmark iter.

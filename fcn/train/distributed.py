@@ -1,16 +1,21 @@
 """Multi-process training plumbing: torchrun launch, process group, exact reductions.
 
-A stage started with `train.nproc > 1` outside torchrun re-launches itself under
-`python -m torch.distributed.run --standalone` (a free rendezvous port, so concurrent runs
-never collide). Each process then joins a process group: gloo on CPU, nccl on CUDA.
+A stage started outside torchrun with `train.nproc > 1` or `train.max_restarts > 0` re-launches
+itself under `python -m torch.distributed.run --standalone` (a free rendezvous port, so
+concurrent runs never collide). Each process then joins a process group: gloo on CPU, nccl on
+CUDA. With `--max-restarts N`, torchrun stops the whole group when any worker fails and starts
+it again, up to N times; every restarted process resumes from the run's last checkpoint (the
+end of the last completed epoch), so a restart costs at most one epoch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,21 +44,65 @@ class Context:
         return self.world_size > 1
 
 
+UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+"""By default (torch >= 2.5) torchrun's c10d rendezvous shares one store with the workers and
+keeps it across restarts, so a restarted group can read the addresses the failed group
+published and its process group fails to connect or hangs (pytorch/pytorch#135712; seen with
+torch 2.14 in 3 of 4 gloo restarts). Set to 1, each rendezvous round gets a fresh store."""
+
+
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch(nproc: int, script: str, args: Sequence[str]) -> int:
-    """Run `script args` in `nproc` processes under torchrun; its exit code."""
+def needs_launch(nproc: int, max_restarts: int) -> bool:
+    """Whether a stage must re-launch itself under torchrun: several processes, or torchrun's
+    restarts asked for (one process included: torchrun then restarts it after a crash)."""
+    return (nproc > 1 or max_restarts > 0) and not under_torchrun()
+
+
+def relaunch(nproc: int, script: str, args: Sequence[str], max_restarts: int = 0) -> int:
+    """Run `script args` in `nproc` processes under torchrun on this machine; its exit code
+    (0 once a group finishes; non-zero when a worker fails after `max_restarts` restarts).
+
+    With restarts, torchrun gets `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (unless set): see
+    UNSHARED_STORE.
+
+    torchrun starts each worker in a session of its own, so a signal for this process does not
+    reach them: SIGTERM is passed on to torchrun, which stops its workers before it exits, and
+    SIGINT is ignored here while torchrun runs (as `dvc repro` does for a stage's command: a
+    terminal's Ctrl-C reaches torchrun directly, and a second signal would cut short its
+    shutdown of the workers).
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", script, *args]
-    log.info("launching %d processes: %s", nproc, " ".join(command))
-    return subprocess.run(command, check=False).returncode
+               f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", script, *args]
+    env = dict(os.environ)
+    if max_restarts > 0:
+        env.setdefault(UNSHARED_STORE, "1")
+    log.info("launching %d process%s (torchrun, %d restart%s): %s", nproc,
+             "" if nproc == 1 else "es", max_restarts, "" if max_restarts == 1 else "s",
+             " ".join(command))
+    process = subprocess.Popen(command, env=env)  # before the handlers: it keeps the defaults
+    if threading.current_thread() is not threading.main_thread():  # no handlers here
+        return process.wait()
+
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = (signal.signal(signal.SIGTERM, forward),
+                signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def setup(device_choice: str) -> Context:
-    """Join the process group when under torchrun; a 1-process context otherwise."""
+    """Join the process group when under torchrun; a 1-process context otherwise. A process
+    that torchrun restarted says so (rank 0): the run then resumes from its last checkpoint."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        _log_restart(0)
         return Context(0, 1, resolve_device(device_choice, setting="train.device"))
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_choice, local_rank, "train.device")
@@ -64,7 +113,24 @@ def setup(device_choice: str) -> Context:
                            "GPU per process (lower train.nproc, or set train.device to cpu)")
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _log_restart(dist.get_rank())
     return Context(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _log_restart(rank: int) -> None:
+    """On rank 0: say that this is a restart, and warn where restarts can hang."""
+    if rank != 0:
+        return
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0:
+        log.warning("torchrun restart %d of %s: a worker failed; every process starts again "
+                    "and resumes from the last checkpoint", restart,
+                    os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        log.warning("torchrun --max-restarts with its rendezvous store shared with the workers: "
+                    "a restarted group may fail to connect or hang; start torchrun with "
+                    "%s=1 (docs/multi-gpu.md)", UNSHARED_STORE)
 
 
 def teardown(context: Context) -> None:

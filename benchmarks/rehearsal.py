@@ -12,8 +12,9 @@ clock and the peak resident memory of its largest process. Then it runs each sta
 again the same way: DVC finds nothing changed and only checks (hashes) the stage's
 dependencies, which is what a repeated `dvc repro` costs. Last, it doubles the images of
 every split and reruns the stages whose work grows with them (masks, class_weights, decode,
-evaluate, export, deploy): the difference of the two runs is the cost per image, without the
-start-up (imports, loading the model) that a few images would inflate. Disk is the size of each stage's
+evaluate, export, deploy): the difference of the two runs is the cost (time and disk) per
+image, without the start-up (imports, loading the model) or the fixed outputs (figures, the
+ONNX file) that a few images would inflate. Disk is the size of each stage's
 outputs in the workspace (DVC's cache holds a second copy unless it links). The train stage's
 own per-epoch timings (DVCLive `time/*`) give the cost per training sample and per validated
 image. docs/generate.py turns the JSON into the cost table of docs/performance.md, with the
@@ -149,11 +150,16 @@ def main() -> None:
         seconds, _, log = measured(dvc, repo, env)
         if f"Running stage '{stage}'" not in log:
             raise SystemExit(f"{stage} did not run on twice the images:\n{log[-3000:]}")
-        images_now = 2 * sum(images[s] for s in PER_IMAGE[stage])
-        slope = (seconds - per_stage[stage]["seconds"]) / (images_now / 2)
-        per_stage[stage].update(seconds_doubled=seconds, seconds_per_image=slope,
-                                startup_seconds=per_stage[stage]["seconds"] - slope * images_now / 2)
-        print(f"{stage:14s} x2 images {seconds:7.1f} s: {slope:.2f} s per image", flush=True)
+        added = sum(images[s] for s in PER_IMAGE[stage])  # as many again
+        slope = (seconds - per_stage[stage]["seconds"]) / added
+        disk = size_mb(outputs(repo, stage, params))
+        per_stage[stage].update(
+            seconds_doubled=seconds, seconds_per_image=slope,
+            startup_seconds=per_stage[stage]["seconds"] - slope * added,
+            disk_mb_doubled=disk, disk_mb_per_image=(disk - per_stage[stage]["disk_mb"]) / added,
+            disk_mb_fixed=2 * per_stage[stage]["disk_mb"] - disk)
+        print(f"{stage:14s} x2 images {seconds:7.1f} s: {slope:.2f} s and "
+              f"{per_stage[stage]['disk_mb_per_image']:.2f} MB per image", flush=True)
 
     history = json.loads((repo / "metrics" / "train" / "metrics.json").read_text())
     times = history["time"]

@@ -2,7 +2,7 @@
 its peak memory, its disk per image, and what repeating it costs.
 
     .venv/bin/python benchmarks/rehearsal.py [--args recipes/rehearsal_1024x2048.args]
-        [--workdir DIR] [--out docs/measured/rehearsal.json]
+        [--more 4] [--workdir DIR] [--out docs/measured/rehearsal.json]
 
 It clones this repository's HEAD into a temporary folder, applies the overrides of `--args`
 to params.yaml as `dvc exp run -S` would (the same file the documented command uses:
@@ -10,10 +10,10 @@ to params.yaml as `dvc exp run -S` would (the same file the documented command u
 order with `dvc repro --single-item <stage>`, each in its own process tree, timing the wall
 clock and the peak resident memory of its largest process. Then it runs each stage's command
 again the same way: DVC finds nothing changed and only checks (hashes) the stage's
-dependencies, which is what a repeated `dvc repro` costs. Last, it doubles the images of
-every split and reruns the stages whose work grows with them (masks, class_weights, decode,
-evaluate, export, deploy): the difference of the two runs is the cost (time and disk) per
-image, without the start-up (imports, loading the model) or the fixed outputs (figures, the
+dependencies, which is what a repeated `dvc repro` costs. Last, it multiplies the images of
+every split by `--more` and reruns the stages whose work grows with them (masks,
+class_weights, decode, evaluate, export, deploy): the difference of the two runs over the
+added images is the cost (time and disk) per image, without the start-up (imports, loading the model) or the fixed outputs (figures, the
 ONNX file) that a few images would inflate. Disk is the size of each stage's
 outputs in the workspace (DVC's cache holds a second copy unless it links). The train stage's
 own per-epoch timings (DVCLive `time/*`) give the cost per training sample and per validated
@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--args", type=Path,
                         default=ROOT / "recipes" / "rehearsal_1024x2048.args")
     parser.add_argument("--workdir", type=Path, help="clone here (kept) instead of a temp dir")
+    parser.add_argument("--more", type=int, default=4,
+                        help="the second pass's images, as a multiple of the first's")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -143,22 +145,25 @@ def main() -> None:
     # a second pass with twice the images per split through the stages whose work grows with
     # them: the difference is their cost per image, free of start-up (imports, model loading)
     for split in ("train", "val", "test"):
-        apply(repo / "params.yaml", {f"synthesize.{split}_per_city": 2 * synth[f"{split}_per_city"]})
+        apply(repo / "params.yaml",
+              {f"synthesize.{split}_per_city": args.more * synth[f"{split}_per_city"]})
     measured([sys.executable, "-m", "dvc", "repro", "--single-item", "synthesize"], repo, env)
     for stage in PER_IMAGE:
         dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
         seconds, _, log = measured(dvc, repo, env)
         if f"Running stage '{stage}'" not in log:
             raise SystemExit(f"{stage} did not run on twice the images:\n{log[-3000:]}")
-        added = sum(images[s] for s in PER_IMAGE[stage])  # as many again
+        first = sum(images[s] for s in PER_IMAGE[stage])  # the first pass's images
+        added = (args.more - 1) * first
         slope = (seconds - per_stage[stage]["seconds"]) / added
         disk = size_mb(outputs(repo, stage, params))
+        disk_slope = (disk - per_stage[stage]["disk_mb"]) / added
         per_stage[stage].update(
-            seconds_doubled=seconds, seconds_per_image=slope,
-            startup_seconds=per_stage[stage]["seconds"] - slope * added,
-            disk_mb_doubled=disk, disk_mb_per_image=(disk - per_stage[stage]["disk_mb"]) / added,
-            disk_mb_fixed=2 * per_stage[stage]["disk_mb"] - disk)
-        print(f"{stage:14s} x2 images {seconds:7.1f} s: {slope:.2f} s and "
+            seconds_more=seconds, seconds_per_image=slope,
+            startup_seconds=per_stage[stage]["seconds"] - slope * first,
+            disk_mb_more=disk, disk_mb_per_image=disk_slope,
+            disk_mb_fixed=per_stage[stage]["disk_mb"] - disk_slope * first)
+        print(f"{stage:14s} x{args.more} images {seconds:7.1f} s: {slope:.2f} s and "
               f"{per_stage[stage]['disk_mb_per_image']:.2f} MB per image", flush=True)
 
     history = json.loads((repo / "metrics" / "train" / "metrics.json").read_text())

@@ -152,7 +152,7 @@ def main() -> None:
         dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
         seconds, _, log = measured(dvc, repo, env)
         if f"Running stage '{stage}'" not in log:
-            raise SystemExit(f"{stage} did not run on twice the images:\n{log[-3000:]}")
+            raise SystemExit(f"{stage} did not run on more images:\n{log[-3000:]}")
         first = sum(images[s] for s in PER_IMAGE[stage])  # the first pass's images
         added = (args.more - 1) * first
         slope = (seconds - per_stage[stage]["seconds"]) / added
@@ -170,7 +170,7 @@ def main() -> None:
     times = history["time"]
     samples = train["batch_size"] * train["iterations"]
     result = {
-        "images": images, "samples": samples, "stages": per_stage,
+        "images": images, "more": args.more, "samples": samples, "stages": per_stage,
         "train_last_epoch": {"data_s": times["data_s"], "compute_s": times["compute_s"],
                              "val_s": times["val_s"], "samples_per_s": times["samples_per_s"]},
         "params": {k: v for k, v in overrides(args.args).items()},

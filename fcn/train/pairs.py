@@ -6,8 +6,9 @@ within `data.max_pixels`) from the files' headers when the dataset is built, bef
 training starts; a decoded pair is checked again (sizes, trainId values).
 
 Decoding uses `torchvision.io.decode_png` (`fcn.images.read_tensor`): it returns the CHW uint8
-tensor the augmentation wants, 1.3x faster than PIL here (`benchmarks/loader_throughput.py`
-prints the decoders it can compare).
+tensor the augmentation wants and measured faster than PIL (`benchmarks/loader_throughput.py`
+times the decoders it finds); with the decode stage's cache a PNG is decoded once per run of
+that stage, not once per sample.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ each sample in its own random order, with torchvision's formulas (float path of
 difference from the old loader-side jitter is the dtype: it ran on uint8 and rounded after
 each step; here the four steps run in float32 on images already scaled to [0, 1].
 
-On a GPU this is a few element-wise passes over the batch (well under a millisecond for 8
-crops of 512×1024); on the loader's CPU cores it was the largest cost per sample.
+On a GPU this is a few element-wise passes over the batch; on the loader's CPU cores it was
+a large share of each sample's cost (docs/performance.md, the training data path).
 """
 
 from __future__ import annotations

@@ -135,6 +135,7 @@ def test_changed_params_refuse_the_old_checkpoint(tiny_dataset, masks, tmp_path)
     base["train"]["workers"] = 1  # where/how fast, not what: still resumable
     again = _run(base, tmp_path)
     assert "resuming from" in again.stderr and "nothing to do" in again.stderr
+    assert not list((tmp_path / "resume").iterdir())  # no state folder left behind
 
     base["train"]["lr"] = 0.004
     changed = _run(base, tmp_path)

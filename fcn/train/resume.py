@@ -52,12 +52,12 @@ def state_dir(resume_dir: str | Path | None, hashed: Mapping[str, Any]) -> Path:
 @contextmanager
 def locked(directory: Path, hashed: Mapping[str, Any]) -> Iterator[None]:
     """Hold `directory`'s lock for the block (created with its params.json if new); another
-    process holding it is an error: two runs must not write the same checkpoints."""
+    process holding it is an error: two runs must not write the same checkpoints. A folder
+    left without a checkpoint (nothing trained, or already published) is removed after."""
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / PARAMS).exists():
         write_json(directory / PARAMS, dict(hashed))
-    handle = (directory / LOCK).open("a+")
-    try:
+    with (directory / LOCK).open("a+") as handle:
         try:
             import fcntl
         except ImportError:  # no advisory locks here (Windows): nothing to guard with
@@ -75,9 +75,11 @@ def locked(directory: Path, hashed: Mapping[str, Any]) -> Iterator[None]:
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
-        yield
-    finally:
-        handle.close()
+        try:
+            yield
+        finally:  # still holding the lock
+            if directory.exists() and not (directory / ckpt.LAST).exists():
+                shutil.rmtree(directory, ignore_errors=True)  # nothing to resume from
 
 
 def resume_point(directory: Path, out: Path, hashed: Mapping[str, Any],

@@ -1,0 +1,54 @@
+"""The state folder of a training run (fcn.train.resume): where it lives, its lock, publishing
+the final checkpoints, and what it leaves behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fcn.errors import FcnError
+from fcn.train import resume
+
+HASHED = {"train": {"lr": 0.002}, "model": {"backbone": "vgg11_bn"}}
+
+
+def test_the_state_folder_is_keyed_by_the_hash_under_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = resume.state_dir(None, HASHED)
+    assert folder.parent == tmp_path / "xdg" / "fcn-cityscapes" / "resume"
+    assert resume.state_dir(tmp_path / "mine", HASHED).parent == tmp_path / "mine"
+    other = resume.state_dir(None, {**HASHED, "train": {"lr": 0.004}})
+    assert other.parent == folder.parent and other.name != folder.name
+
+
+def test_a_second_run_of_the_same_parameters_is_refused_and_harms_nothing(tmp_path):
+    folder = resume.state_dir(tmp_path, HASHED)
+    with resume.locked(folder, HASHED):
+        (folder / "last.pt").write_bytes(b"checkpoint")
+        with pytest.raises(FcnError, match="another training run with the same parameters"):
+            with resume.locked(folder, HASHED):
+                pass  # never reached
+        assert (folder / "last.pt").read_bytes() == b"checkpoint"  # the holder's files stay
+        assert json.loads((folder / resume.PARAMS).read_text()) == HASHED
+    assert (folder / "last.pt").exists()  # a checkpoint to resume from: kept
+
+
+def test_a_folder_left_without_a_checkpoint_is_removed(tmp_path):
+    folder = resume.state_dir(tmp_path, HASHED)
+    with resume.locked(folder, HASHED):
+        assert folder.is_dir()
+    assert not folder.exists()
+
+
+def test_publish_replaces_the_output_folder_and_removes_the_state(tmp_path):
+    folder = resume.state_dir(tmp_path / "state", HASHED)
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "stale.pt").write_bytes(b"old")
+    with resume.locked(folder, HASHED):
+        (folder / "best.pt").write_bytes(b"best")
+        (folder / "last.pt").write_bytes(b"last")
+        resume.publish(folder, out)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]
+    assert (out / "last.pt").read_bytes() == b"last" and not folder.exists()

@@ -54,7 +54,7 @@ from fcn.params import SynthesizeParams
 from fcn.synthetic import synthesize
 from fcn.train import photometric
 from fcn.train.augment import Recipe, crop_pair, draw, reference_transform
-from fcn.train.data import SegmentationDataset, sample_seed
+from fcn.train.data import SegmentationDataset, read_region, sample_seed
 from fcn.train.decoded import decode_stage
 from fcn.train.pairs import load_pair
 
@@ -124,8 +124,7 @@ def breakdown(pngs: SegmentationDataset, cached: SegmentationDataset, recipe: Re
 
     index, seed = keys[0]
     size = cached.pairs[index].size
-    memmaps = cached._memmaps(index)
-    from fcn.train.data import _rows
+    memmaps = cached.memmaps(index)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         d = draw(recipe, *size)
@@ -134,7 +133,7 @@ def breakdown(pngs: SegmentationDataset, cached: SegmentationDataset, recipe: Re
     def region(array: np.ndarray) -> Callable[..., torch.Tensor]:
         def read(*box: int) -> torch.Tensor:
             start = time.perf_counter()
-            out = _rows(array, *box)
+            out = read_region(array, *box)
             timed["read"] += time.perf_counter() - start
             return out
         return read

@@ -125,7 +125,8 @@ def training_state(*, model: torch.nn.Module, model_params: ModelParams, epoch: 
         "num_classes": NUM_CLASSES,
         "epoch": epoch,
         "params_hash": training_hash(hashed),
-        "metrics": {k: v for k, v in history[-1].items() if k != "epoch"},
+        "metrics": {k: v for k, v in history[-1].items()  # not the wall-clock figures:
+                    if k != "epoch" and not k.startswith("time/")},  # best.pt stays reproducible
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -33,10 +33,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from fcn.cityscapes.labels import IGNORE_INDEX
 
-JITTER_FIELDS = 8
-"""A sample's photometric parameters as a float vector: the order of the four operations
-(brightness 0, contrast 1, saturation 2, hue 3) then their factors (b, c, s, h)."""
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -57,7 +53,9 @@ class Recipe:
 @dataclass(frozen=True)
 class Draw:
     """One sample's random choices: the rescaled size, the crop window's top-left corner in
-    rescaled coordinates (negative inside the padding), the flip, the jitter vector."""
+    rescaled coordinates (negative inside the padding), the flip, the jitter vector: float[8],
+    the order of the four operations (brightness 0, contrast 1, saturation 2, hue 3), then
+    their factors (b, c, s, h)."""
 
     size: tuple[int, int]
     top: int

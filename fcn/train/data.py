@@ -41,7 +41,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _rows(array: np.ndarray, top: int, left: int, height: int, width: int) -> torch.Tensor:
+def read_region(array: np.ndarray, top: int, left: int, height: int,
+                width: int) -> torch.Tensor:
     """A copy of array[top:top+height, left:left+width] as uint8[C, height, width]."""
     block = np.ascontiguousarray(array[top:top + height, left:left + width])
     tensor = torch.from_numpy(block)
@@ -86,7 +87,9 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _memmaps(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def memmaps(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair `index`'s decoded image [H, W, 3] and mask [H, W], memory-mapped read-only
+        (headers checked again: the files may have changed since the dataset was built)."""
         image, mask = self.arrays[index]
         size = self.pairs[index].size
         return (cache.open_array(image, "image", *size, self.max_pixels),
@@ -96,7 +99,7 @@ class SegmentationDataset(Dataset):
         """(image uint8[3, H, W], mask uint8[H, W]) of pair `index`."""
         if not self.arrays:
             return load_pair(self.pairs[index], self.max_pixels)
-        image, mask = self._memmaps(index)
+        image, mask = self.memmaps(index)
         return (torch.from_numpy(np.array(image)).permute(2, 0, 1),
                 torch.from_numpy(np.array(mask)))
 
@@ -112,8 +115,9 @@ class SegmentationDataset(Dataset):
                 torch.manual_seed(seed)
                 d = draw(self.recipe, *size)
         if self.arrays:
-            image, mask = self._memmaps(index)
-            regions = (lambda *box: _rows(image, *box), lambda *box: _rows(mask, *box))
+            image, mask = self.memmaps(index)
+            regions = (lambda *box: read_region(image, *box),
+                       lambda *box: read_region(mask, *box))
         else:
             image_t, mask_t = load_pair(self.pairs[index], self.max_pixels)
             regions = (lambda t, l, h, w: image_t[:, t:t + h, l:l + w],

@@ -150,9 +150,12 @@ def best_subset(checkpoint: dict[str, Any]) -> dict[str, Any]:
 # --- writing and reading ----------------------------------------------------------------------
 
 def save(path: str | Path, checkpoint: dict[str, Any]) -> None:
-    """Write atomically: the old file stays until the new one is complete."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    """Write atomically: the old file stays until the new one is complete. Through a file
+    object, so the bytes do not depend on the temporary file's random name (torch.save names
+    the archive's folder after a path it is given): equal checkpoints are equal files, and DVC
+    does not rerun evaluate, export and deploy for a retrained model that did not change."""
+    with atomic_path(path) as tmp, tmp.open("wb") as file:
+        torch.save(checkpoint, file)
 
 
 def load(path: str | Path, hint: str = "delete it to start training afresh") -> dict[str, Any]:

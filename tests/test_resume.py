@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from fcn import checkpoint as ckpt
 from fcn.errors import FcnError
 from fcn.train import resume
 
@@ -39,6 +41,15 @@ def test_a_folder_left_without_a_checkpoint_is_removed(tmp_path):
     with resume.locked(folder, HASHED):
         assert folder.is_dir()
     assert not folder.exists()
+
+
+def test_equal_checkpoints_are_equal_files(tmp_path):
+    state = {"model": {"w": torch.arange(6.0)}, "epoch": 3}
+    ckpt.save(tmp_path / "a" / "best.pt", state)
+    ckpt.save(tmp_path / "b" / "best.pt", state)  # other temporary names, same bytes
+    assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]["w"],
+                       torch.arange(6.0))
 
 
 def test_publish_replaces_the_output_folder_and_removes_the_state(tmp_path):

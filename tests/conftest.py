@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     generated = tmp_path_factory.mktemp("generated")
     write_masks(tiny_dataset, generated)
     return generated
+
+
+TWO_PROCESS_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_dataset: Path, masks: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-process run of the train stage (torchrun, gloo) on the tiny dataset,
+    TWO_PROCESS_EPOCHS epochs, no system monitor: the reference that the two-node and the
+    elastic-restart tests compare with, trained once per session (read-only). The folder holds
+    params.yaml, models/ and live/."""
+    from trainset import tiny_params, train_command, write_params
+
+    run = tmp_path_factory.mktemp("two-process")
+    # no system monitor: its samples (times, loads) differ between any two runs
+    write_params(run / "params.yaml",
+                 tiny_params(tiny_dataset, masks, run / "models", epochs=TWO_PROCESS_EPOCHS,
+                             nproc=2, monitor_system=False))
+    done = subprocess.run(train_command(run), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # relaunched: torchrun, 2 processes
+    return run
 
 
 def with_changes(params, **changes):

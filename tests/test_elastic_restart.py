@@ -1,15 +1,22 @@
-"""torchrun's elastic restart (`train.max_restarts`): a worker SIGKILLed mid-epoch makes torchrun
-restart the whole group, which resumes from the last checkpoint and ends with the weights of an
-uninterrupted 2-process run (bit for bit on CPU). Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
-which the stage gives torchrun, the restarted group usually failed to connect or hung here
-(see fcn.train.distributed.UNSHARED_STORE)."""
+"""Faults under torchrun.
+
+- Elastic restart (`train.max_restarts`): a worker SIGKILLed mid-epoch makes torchrun restart
+  the whole group, which resumes from the last checkpoint and ends with the weights of an
+  uninterrupted 2-process run (bit for bit on CPU). Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+  which the stage gives torchrun, the restarted group usually failed to connect or hung here
+  (see fcn.train.distributed.UNSHARED_STORE).
+- No orphans: a SIGKILLed stage (or torchrun) takes every process below it along, and the
+  training state's lock is free again; before, torchrun's workers, in sessions of their own,
+  trained on.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import signal
 import subprocess
-import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -18,23 +25,17 @@ import torch
 
 from fcn import checkpoint as ckpt
 from fcn.train.distributed import needs_launch
+from fcn.train.resume import LOCK
 
-from trainset import tiny_params, write_params
+from conftest import TWO_PROCESS_EPOCHS as EPOCHS
+from trainset import state_folder, tiny_params, train_command, write_params
 
-STAGE = Path(__file__).resolve().parents[1] / "stages" / "train.py"
-EPOCHS = 2
-
-
-def _command(run: Path) -> list[str]:
-    return [sys.executable, str(STAGE), "--params", str(run / "params.yaml"),
-            "--live-dir", str(run / "live")]
-
-
-def _setup(tiny_dataset: Path, masks: Path, run: Path, max_restarts: int) -> Path:
+def _setup(tiny_dataset: Path, masks: Path, run: Path, max_restarts: int,
+           epochs: int = EPOCHS) -> Path:
+    """As conftest's two_process_run, with torchrun's restarts and `epochs`."""
     run.mkdir(parents=True)
-    # no system monitor: its samples (times, loads) differ between any two runs
     write_params(run / "params.yaml",
-                 tiny_params(tiny_dataset, masks, run / "models", epochs=EPOCHS, nproc=2,
+                 tiny_params(tiny_dataset, masks, run / "models", epochs=epochs, nproc=2,
                              max_restarts=max_restarts, monitor_system=False))
     return run
 
@@ -66,14 +67,11 @@ def _worker(stage: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_restarts_the_group_which_resumes_bit_identical(tiny_dataset, masks,
-                                                                         tmp_path):
-    whole = _setup(tiny_dataset, masks, tmp_path / "whole", max_restarts=0)
-    done = subprocess.run(_command(whole), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+def test_a_killed_worker_restarts_the_group_which_resumes_bit_identical(
+        tiny_dataset, masks, two_process_run, tmp_path):
+    whole = two_process_run  # uninterrupted
     cut = _setup(tiny_dataset, masks, tmp_path / "cut", max_restarts=1)
-    stage = subprocess.Popen(_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    stage = subprocess.Popen(train_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     watchdog = threading.Timer(600, _kill_tree, [stage])
     watchdog.start()
@@ -118,3 +116,48 @@ def test_restarts_relaunch_under_torchrun_even_for_one_process(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not needs_launch(2, 1)  # already under torchrun (e.g. started by hand on each node)
+
+
+def _wait_for(path: Path, text: str, stage: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        assert stage.poll() is None, path.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not logged within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["stage", "torchrun"])
+def test_a_killed_stage_or_torchrun_leaves_no_worker_behind(tiny_dataset, masks, tmp_path,
+                                                            victim):
+    """SIGKILL (the OOM killer's signal) the stage process, or torchrun below it, while the 2
+    workers train a run that would last minutes: within seconds no process of the run is left
+    and the training state's lock can be taken, so the next `dvc repro` resumes."""
+    run = _setup(tiny_dataset, masks, tmp_path / "run", max_restarts=0, epochs=500)
+    log = tmp_path / "stage.log"
+    with log.open("w") as stderr:
+        stage = subprocess.Popen(train_command(run), stdout=subprocess.DEVNULL, stderr=stderr,
+                                 start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        _wait_for(log, "epoch 1/500", stage)  # the group formed and trains
+        tree = psutil.Process(stage.pid).children(recursive=True)
+        torchrun = [p for p in tree if p.ppid() == stage.pid]
+        workers = [p for p in tree if "LOCAL_RANK" in p.environ()]
+        assert len(torchrun) == 1 and len(workers) == 2, tree
+        (psutil.Process(stage.pid) if victim == "stage" else torchrun[0]).kill()
+
+        gone, alive = psutil.wait_procs([*torchrun, *workers], timeout=60)
+        assert not alive, f"left running after the {victim} was killed: {alive}"
+        assert stage.wait(timeout=60) != 0
+        with (state_folder(run / "resume") / LOCK).open("a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nobody trains on
+    finally:
+        for proc in [*tree, psutil.Process(stage.pid) if stage.poll() is None else None]:
+            try:
+                if proc is not None:
+                    proc.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import psutil
 import pytest
@@ -21,12 +20,10 @@ import torch
 
 from fcn import checkpoint as ckpt
 
-from trainset import tiny_params, write_params
+from conftest import TWO_PROCESS_EPOCHS
+from trainset import tiny_params, train_command, write_params
 
 pytestmark = pytest.mark.slow
-
-STAGE = Path(__file__).resolve().parents[1] / "stages" / "train.py"
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -56,23 +53,14 @@ def _untimed(record: dict) -> dict:
 
 
 def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_processes(
-        tiny_dataset, masks, tmp_path):
-    runs = {}
-    for name in ("one", "two"):
-        run = tmp_path / name
-        run.mkdir()
-        # nproc 2 in both: the world size (under torchrun the stage never relaunches itself)
-        write_params(run / "params.yaml",
-                     tiny_params(tiny_dataset, masks, run / "models", epochs=2, nproc=2,
-                                 monitor_system=False))
-        runs[name] = run
-
-    def stage(run: Path) -> list[str]:
-        return [str(STAGE), "--params", str(run / "params.yaml"), "--live-dir", str(run / "live")]
-
-    one = subprocess.run([sys.executable, *stage(runs["one"])], capture_output=True, text=True,
-                         timeout=600)  # relaunches itself: torchrun --standalone, 2 processes
-    assert one.returncode == 0, one.stderr[-3000:]
+        tiny_dataset, masks, two_process_run, tmp_path):
+    # "one": the stage relaunched itself (torchrun --standalone, 2 processes); "two": the
+    # same params (nproc 2: the world size; under torchrun the stage never relaunches itself)
+    runs = {"one": two_process_run, "two": tmp_path / "two"}
+    runs["two"].mkdir()
+    write_params(runs["two"] / "params.yaml",
+                 tiny_params(tiny_dataset, masks, runs["two"] / "models",
+                             epochs=TWO_PROCESS_EPOCHS, nproc=2, monitor_system=False))
 
     port = _free_port()
     nodes, logs = [], []
@@ -81,7 +69,7 @@ def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_process
         nodes.append(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fcn-test",
-             *stage(runs["two"])],
+             *train_command(runs["two"])[1:]],
             stdout=logs[-1], stderr=subprocess.STDOUT,
             # as torchrun sets it for several processes per node: the 2-process run's threads
             env={**os.environ, "OMP_NUM_THREADS": "1"}))
@@ -106,7 +94,7 @@ def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_process
             assert torch.equal(a["model"][key], b["model"][key]), f"{name}: {key} differs"
         assert repr(_untimed(a["metrics"])) == repr(_untimed(b["metrics"]))  # NaN == NaN
     a, b = (ckpt.load(runs[run] / "models" / ckpt.LAST) for run in ("one", "two"))
-    assert a["epoch"] == 2 and a["scheduler"] == b["scheduler"]
+    assert a["epoch"] == TWO_PROCESS_EPOCHS and a["scheduler"] == b["scheduler"]
     for key, state in a["optimizer"]["state"].items():
         for name, tensor in state.items():
             assert torch.equal(tensor, b["optimizer"]["state"][key][name]), f"optimizer {key}"

@@ -7,7 +7,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,8 @@ from fcn.model import FCN8s
 from fcn.params import Params, TrainParams, parse_params, sections_dict
 from fcn.train.fit import fit
 
-from trainset import state_folder, tiny_params, write_params
+from trainset import state_folder, tiny_params, train_command, write_params
 
-REPO = Path(__file__).resolve().parents[1]
-STAGE = REPO / "stages" / "train.py"
 CPU = Context(0, 1, torch.device("cpu"))
 
 
@@ -38,15 +35,10 @@ def fit_stage(params: Params, live_dir: Path) -> dict:
                identity=sections_dict(params, "data", "synthesize"))
 
 
-def _stage(params_file: Path, cwd: Path) -> list[str]:
-    return [sys.executable, str(STAGE), "--params", str(params_file),
-            "--live-dir", str(cwd / "live")]
-
-
 def _run(params: dict, cwd: Path) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
-    params_file = write_params(cwd / "params.yaml", params)
-    done = subprocess.run(_stage(params_file, cwd), cwd=cwd, capture_output=True, text=True,
+    write_params(cwd / "params.yaml", params)
+    done = subprocess.run(train_command(cwd), cwd=cwd, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -91,8 +83,8 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tiny_datas
 
     cut = tmp_path / "cut"
     cut.mkdir()
-    params_file = write_params(cut / "params.yaml", params("cut"))
-    process = subprocess.Popen(_stage(params_file, cut), cwd=cut, stderr=subprocess.PIPE,
+    write_params(cut / "params.yaml", params("cut"))
+    process = subprocess.Popen(train_command(cut), cwd=cut, stderr=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, text=True)
     lines = []
     for line in process.stderr:  # the log line comes after epoch 1's checkpoint is written

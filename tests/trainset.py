@@ -7,6 +7,7 @@ masks stage writes, so these tests do not depend on that stage.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,14 @@ from fcn.masks.render import draw_label_ids
 from fcn.params import default_params_dict
 
 from conftest import TINY
+
+TRAIN_STAGE = Path(__file__).resolve().parents[1] / "stages" / "train.py"
+
+
+def train_command(run: Path) -> list[str]:
+    """The train stage on `<run>/params.yaml`, logging DVCLive to `<run>/live`."""
+    return [sys.executable, str(TRAIN_STAGE), "--params", str(run / "params.yaml"),
+            "--live-dir", str(run / "live")]
 
 
 def write_masks(root: Path, generated: Path) -> None:

@@ -6,17 +6,23 @@ concurrent runs never collide). Each process then joins a process group: gloo on
 CUDA. With `--max-restarts N`, torchrun stops the whole group when any worker fails and starts
 it again, up to N times; every restarted process resumes from the run's last checkpoint (the
 end of the last completed epoch), so a restart costs at most one epoch.
+
+No process outlives the one that started it (Linux): torchrun gets SIGTERM when the stage
+process dies, and each worker SIGKILL when torchrun dies. Without that, a stage killed by
+SIGKILL (the OOM killer, `kill -9` of `dvc repro`'s process group) left torchrun's workers
+training on in sessions of their own, holding their GPUs and the training state's lock.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +57,32 @@ published and its process group fails to connect or hangs (pytorch/pytorch#13571
 torch 2.14 in 3 of 4 gloo restarts). Set to 1, each rendezvous round gets a fresh store."""
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up before any fork (a forked child must not load libraries);
+    None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(signum: int) -> bool:
+    """Have Linux send `signum` to this process when its parent exits (PR_SET_PDEATHSIG); if
+    it has already been orphaned (adopted by init), send it now. False where this is not
+    possible (not Linux): the process then stays as it was."""
+    prctl = _prctl()
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signum)
+    return True
+
+
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -82,7 +114,17 @@ def relaunch(nproc: int, script: str, args: Sequence[str], max_restarts: int = 0
     log.info("launching %d process%s (torchrun, %d restart%s): %s", nproc,
              "" if nproc == 1 else "es", max_restarts, "" if max_restarts == 1 else "s",
              " ".join(command))
-    process = subprocess.Popen(command, env=env)  # before the handlers: it keeps the defaults
+    prctl, stage, term = _prctl(), os.getpid(), int(signal.SIGTERM)
+
+    def die_with_stage() -> None:
+        """In torchrun's process, between fork and exec: SIGTERM when this process dies
+        (torchrun then stops its workers), at once if it already has."""
+        if prctl is not None and prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0) == 0 \
+                and os.getppid() != stage:
+            os.kill(os.getpid(), term)
+
+    # before the handlers below: torchrun keeps the default ones
+    process = subprocess.Popen(command, env=env, preexec_fn=die_with_stage)
     if threading.current_thread() is not threading.main_thread():  # no handlers here
         return process.wait()
 
@@ -100,7 +142,11 @@ def relaunch(nproc: int, script: str, args: Sequence[str], max_restarts: int = 0
 
 def setup(device_choice: str) -> Context:
     """Join the process group when under torchrun; a 1-process context otherwise. A process
-    that torchrun restarted says so (rank 0): the run then resumes from its last checkpoint."""
+    that torchrun restarted says so (rank 0): the run then resumes from its last checkpoint.
+    Under torchrun the process dies with torchrun (SIGKILL): an orphaned worker would train
+    on alone, or wait forever in a collective, holding its GPU and the state folder's lock."""
+    if under_torchrun():
+        die_with_parent(signal.SIGKILL)
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         _log_restart(0)
         return Context(0, 1, resolve_device(device_choice, setting="train.device"))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ from fcn import checkpoint as ckpt
 from fcn.train.augment import Recipe
 from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler
 from fcn.train.distributed import Context
-from fcn.train.loop import (NonFiniteLossError, build_criterion, build_optimizer, build_scheduler,
-                             train_one_epoch, validate)
+from fcn.train.loop import (NonFiniteLossError, _progress, build_criterion, build_optimizer,
+                             build_scheduler, train_one_epoch, validate)
 from fcn.metrics import summary
 from fcn.model import FCN8s
 from fcn.params import Params, TrainParams, parse_params, sections_dict
@@ -230,3 +232,27 @@ def test_a_few_images_overfit_to_miou_above_0_9(tiny_dataset, masks):
     plain = Subset(SegmentationDataset(tiny_dataset, masks, "train"), [0, 1])
     result = validate(model, DataLoader(plain, batch_size=1), criterion, CPU, "fp32")
     assert summary(result.confusion)["miou"] > 0.9
+
+
+def _bars_hidden() -> list[bool]:
+    """Whether rank 0's and rank 1's batch bars are hidden; each bar still yields every batch."""
+    bars = [_progress(range(3), Context(rank, 2, torch.device("cpu")), "train", 3)
+            for rank in (0, 1)]
+    hidden = [bar.disable for bar in bars]  # before iterating: a finished bar is closed
+    assert all(list(bar) == [0, 1, 2] for bar in bars)
+    return hidden
+
+
+@pytest.mark.skipif("TQDM_DISABLE" in os.environ, reason="TQDM_DISABLE is set for this run")
+def test_batch_bars_show_on_rank_0_only():
+    assert _bars_hidden() == [False, True]
+
+
+def test_batch_bars_obey_tqdm_disable():
+    """tqdm reads TQDM_* when it is imported, into defaults that an explicit argument would
+    override: hence a fresh process with the variable set."""
+    code = "from test_train import _bars_hidden; print(_bars_hidden())"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TQDM_DISABLE": "1"},
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[True, True]"

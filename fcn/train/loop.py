@@ -108,8 +108,10 @@ def to_device(batch: Sequence[torch.Tensor],
 
 
 def _progress(iterable: Iterable, context: Context, desc: str, total: int) -> Iterable:
-    return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False,
-                disable=not context.is_main)
+    """A batch bar on rank 0 only. `disable` is passed only to silence the other ranks: an
+    explicit value would override the user's TQDM_DISABLE (tqdm reads TQDM_* into defaults)."""
+    hidden = {} if context.is_main else {"disable": True}
+    return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, **hidden)
 
 
 class _Timed:

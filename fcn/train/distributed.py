@@ -16,6 +16,7 @@ training on in sessions of their own, holding their GPUs and the training state'
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -71,16 +72,14 @@ def _prctl() -> Callable[..., int] | None:
         return None
 
 
-def die_with_parent(signum: int) -> bool:
-    """Have Linux send `signum` to this process when its parent exits (PR_SET_PDEATHSIG); if
-    it has already been orphaned (adopted by init), send it now. False where this is not
-    possible (not Linux): the process then stays as it was."""
-    prctl = _prctl()
-    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
-        return False
-    if os.getppid() == 1:
+def _die_with_parent(prctl: Callable[..., int] | None, signum: int, parent: int) -> None:
+    """Have Linux send `signum` to this process when its parent exits (PR_SET_PDEATHSIG), and
+    send it now if its parent is no longer `parent` (it died before this call). Only a call
+    through `prctl` (from _prctl, looked up beforehand) and system calls: safe between fork and
+    exec. Nothing happens where `prctl` is None (not Linux)."""
+    if prctl is not None and prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0 \
+            and os.getppid() != parent:
         os.kill(os.getpid(), signum)
-    return True
 
 
 def under_torchrun() -> bool:
@@ -114,16 +113,10 @@ def relaunch(nproc: int, script: str, args: Sequence[str], max_restarts: int = 0
     log.info("launching %d process%s (torchrun, %d restart%s): %s", nproc,
              "" if nproc == 1 else "es", max_restarts, "" if max_restarts == 1 else "s",
              " ".join(command))
-    prctl, stage, term = _prctl(), os.getpid(), int(signal.SIGTERM)
-
-    def die_with_stage() -> None:
-        """In torchrun's process, between fork and exec: SIGTERM when this process dies
-        (torchrun then stops its workers), at once if it already has."""
-        if prctl is not None and prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0) == 0 \
-                and os.getppid() != stage:
-            os.kill(os.getpid(), term)
-
-    # before the handlers below: torchrun keeps the default ones
+    # torchrun gets SIGTERM when this process dies (it then stops its workers); started
+    # before the handlers below, it keeps the default ones
+    die_with_stage = functools.partial(_die_with_parent, _prctl(), int(signal.SIGTERM),
+                                       os.getpid())
     process = subprocess.Popen(command, env=env, preexec_fn=die_with_stage)
     if threading.current_thread() is not threading.main_thread():  # no handlers here
         return process.wait()
@@ -146,7 +139,7 @@ def setup(device_choice: str) -> Context:
     Under torchrun the process dies with torchrun (SIGKILL): an orphaned worker would train
     on alone, or wait forever in a collective, holding its GPU and the state folder's lock."""
     if under_torchrun():
-        die_with_parent(signal.SIGKILL)
+        _die_with_parent(_prctl(), int(signal.SIGKILL), os.getppid())
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         _log_restart(0)
         return Context(0, 1, resolve_device(device_choice, setting="train.device"))

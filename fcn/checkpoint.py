@@ -8,8 +8,8 @@ run killed while saving leaves the previous checkpoint intact.
 `last.pt` holds everything a run needs to continue (`STATE_KEYS`); `best.pt` only what
 rebuilds the model and says where it came from (`MODEL_KEYS`). Resuming is only allowed when
 the hash of the training-relevant parameters matches: `model`, `train` (minus `workers`,
-`device`, `out`, `resume_dir`, `max_restarts` and `monitor_system`, which change where and how
-fast a run goes, not what it computes), and
+`device`, `out`, `resume_dir`, `max_restarts`, `monitor_system` and `log_every`, which change
+where and how fast a run goes, not what it computes), and
 what identifies the data (the stage passes the `data` and `synthesize` sections: a changed
 synthetic dataset has the same paths but other pixels).
 """
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from fcn.atomic import atomic_path
+from fcn.device import rng_state as device_rng_state
+from fcn.device import set_rng_state as set_device_rng_state
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.errors import DataError, torch_load_problem
 from fcn.model import FCN8s
@@ -59,7 +61,8 @@ def hashed_params(model: ModelParams, train: TrainParams,
     """The parameter values a checkpoint must agree with to be resumed (plain data):
     `identity` holds further sections (plain dicts) that name the data trained on."""
     train = dataclasses.replace(train, workers=0, device="auto", out="", monitor_system=False,
-                                max_restarts=0, resume_dir=None)
+                                max_restarts=0, resume_dir=None,
+                                log_every=TrainParams.log_every)
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
             **{name: dict(section) for name, section in identity.items()}}
 
@@ -80,8 +83,10 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 # --- random states --------------------------------------------------------------------------
 
-def rng_state() -> dict[str, Any]:
-    """Every global random state, as tensors and plain Python values."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random state this process draws from, as tensors and plain Python values: Python,
+    NumPy, torch's CPU generator and, on CUDA, the generator of `device` (this process's own
+    GPU only, so that the state can be restored where fewer GPUs are visible)."""
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -92,12 +97,15 @@ def rng_state() -> dict[str, Any]:
                   "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = device_rng_state(device) if device is not None else None
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` saved; the CUDA state goes to `device` when both exist (a
+    checkpoint saved on a CPU leaves a GPU's generator as seeded, and the reverse is ignored)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -105,8 +113,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None:
+        set_device_rng_state(state.get("cuda"), device)
 
 
 # --- the schema -----------------------------------------------------------------------------

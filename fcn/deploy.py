@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from fcn.atomic import atomic_path, write_json
 from fcn.checkpoint import load_model
+from fcn.device import to_model_input
 from fcn.cityscapes.layout import list_images
 from fcn.errors import FcnError
 from fcn.images import read_rgb
@@ -46,8 +47,9 @@ class DeployError(FcnError):
 
 
 def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in [0, 1]: what the ONNX model takes."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
+    """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in [0, 1]: what the ONNX model takes (the
+    project's one conversion, `fcn.device.to_model_input`, on the CPU)."""
+    return to_model_input(torch.from_numpy(np.require(images, requirements=["C", "W"]))).numpy()
 
 
 def export_onnx(model: FCN8s, path: str | Path, opset: int) -> None:

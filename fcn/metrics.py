@@ -15,19 +15,51 @@ import torch
 from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
 
 
+class ConfusionMatrix:
+    """int64 pixel counts (rows = ground truth, columns = prediction) accumulated where the
+    tensors live, without reading anything back: `update` has no data-dependent shape and no
+    host check, so on CUDA the CPU never waits for it (torchvision's `ConfusionMatrix`, made
+    synchronisation-free).
+
+    Pixels whose target is `ignore_index` are left out. A target or prediction outside
+    [0, num_classes) is counted in an overflow slot instead of being scored, and `compute()`
+    (which reads that slot) refuses a matrix with any. `counts` is the flat vector
+    (num_classes² + 1 slots, overflow last): sum it over ranks as it is.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, device: torch.device | str = "cpu",
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64,
+                                  device=device)
+
+    def update(self, target: torch.Tensor, prediction: torch.Tensor) -> None:
+        """Add one batch: `target` and `prediction` of the same shape, integer class ids."""
+        n = self.num_classes
+        target = target.reshape(-1).long()
+        prediction = prediction.reshape(-1).long()
+        inside = (target >= 0) & (target < n) & (prediction >= 0) & (prediction < n)
+        slot = torch.where(inside, n * target + prediction, n * n)  # outside: the overflow
+        self.counts.index_add_(0, slot, (target != self.ignore_index).long())
+
+    def compute(self) -> torch.Tensor:
+        """int64[C, C] (on the counts' device); ValueError when any pixel overflowed."""
+        n = self.num_classes
+        overflow = int(self.counts[n * n])
+        if overflow:
+            raise ValueError(f"{overflow} pixel(s) have a target or prediction outside "
+                             f"[0, {n}) other than {self.ignore_index}")
+        return self.counts[: n * n].reshape(n, n)
+
+
 def confusion_matrix(target: torch.Tensor, prediction: torch.Tensor,
                      num_classes: int = NUM_CLASSES,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """int64[C, C] pixel counts; pixels whose target is `ignore_index` are left out."""
-    target = target.reshape(-1).long()
-    prediction = prediction.reshape(-1).long()
-    keep = target != ignore_index
-    target, prediction = target[keep], prediction[keep]
-    if target.numel() and (int(target.max()) >= num_classes or int(target.min()) < 0):
-        raise ValueError(f"target holds values outside [0, {num_classes}) other than "
-                         f"{ignore_index}: {sorted(set(target.unique().tolist()))[:10]}")
-    counts = torch.bincount(num_classes * target + prediction, minlength=num_classes**2)
-    return counts.reshape(num_classes, num_classes)
+    """int64[C, C] pixel counts of one batch; pixels whose target is `ignore_index` are left
+    out, any other value outside [0, C) is a ValueError (`ConfusionMatrix`)."""
+    matrix = ConfusionMatrix(num_classes, target.device, ignore_index)
+    matrix.update(target, prediction)
+    return matrix.compute()
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ SCHEMA_FILE = "params.schema.json"
 # The names a parameter may take, declared once: the Literals below are derived from them, and
 # the code that acts on them (fcn.model, fcn.device, fcn.cityscapes.layout) uses the same tuples.
 BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
-PRECISIONS = ("fp32", "bf16", "fp16")
-BENCHMARK_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+BENCHMARK_PRECISIONS = PRECISIONS
 DEVICES = ("auto", "cpu", "cuda")
 
 Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
@@ -133,7 +133,13 @@ class TrainParams:
     sync_bn: bool = _p(False, help="SyncBatchNorm across processes under DDP on CUDA (batch "
                        "statistics of the global batch); plain BN otherwise, with a log line")
     monitor_system: bool = _p(True, help="DVCLive system metrics (CPU, RAM, GPU) while training")
-    precision: Precision = _p("bf16", help="mixed precision on CUDA; CPU always trains fp32")
+    precision: Precision = _p("bf16", help="on CUDA: fp32 strict, tf32 (TF32 tensor-core "
+                              "math), bf16/fp16 mixed precision; a CPU always trains fp32")
+    compile: bool = _p(False, help="torch.compile the training model (the first steps take "
+                       "longer; validation stays eager)")
+    log_every: int = _p(50, ge=1, help="forward passes between the host's reads of the "
+                        "training figures (running loss, NaN check): the steps between never "
+                        "wait for the GPU")
     workers: int | Literal["auto"] = _p(
         "auto", ge=0, help="DataLoader worker processes; auto: 0 on CPU (the model uses every "
         "core), on CUDA the cores per training process minus one, at most 16")
@@ -156,7 +162,8 @@ class InferenceParams:
 
     batch_size: int = _p(2, ge=1, help="whole images per forward pass")
     flip_tta: bool = _p(False, help="average with the horizontally flipped image's prediction")
-    precision: Precision = _p("fp16", help="autocast dtype on CUDA; CPU always runs fp32")
+    precision: Precision = _p("fp16", help="on CUDA: fp32 strict, tf32, or autocast to "
+                              "bf16/fp16; a CPU always runs fp32")
     channels_last: bool = _p(True, help="channels-last memory format for model and inputs")
     device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     workers: int = _p(2, ge=1, help="threads reading images ahead of the model and writing "

@@ -13,6 +13,9 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--live-dir", default="metrics/train",
                         help="DVCLive folder for per-epoch metrics (default: %(default)s)")
+    parser.add_argument("--no-live", action="store_true",
+                        help="no DVCLive log, checkpoints only (tools that need no curves, "
+                             "e.g. the GPU check on a machine without DVC)")
     parser.add_argument("--class-weights", default="data/class_weights.json",
                         help="the class_weights stage's output, read when train.class_weights "
                              "names a scheme (default: %(default)s)")
@@ -21,7 +24,8 @@ def main() -> None:
     if needs_launch(params.train.nproc, params.train.max_restarts):
         sys.exit(relaunch(params.train.nproc, __file__, sys.argv[1:],
                           max_restarts=params.train.max_restarts))
-    fit(params.model, params.train, params.data.root, params.data.generated, args.live_dir,
+    fit(params.model, params.train, params.data.root, params.data.generated,
+        None if args.no_live else args.live_dir,
         identity=sections_dict(params, "data", "synthesize"),
         class_weights_file=args.class_weights,
         decoded=params.decode.out if params.decode.enabled else None,

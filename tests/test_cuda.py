@@ -1,158 +1,62 @@
-"""The CUDA paths, as ordinary tests marked `cuda`: each skips with its reason where no GPU is
-present (CI, this project's CPU machines). `make gpu-check` (docs/gpu-check.md) runs the same
-paths at full size and records the figures; these are the quick, assertable versions.
-
-Run them alone on a GPU machine with `pytest -m cuda`.
+"""The CUDA paths on a real GPU, as ordinary tests marked `cuda`: the GPU check's own steps
+(fcn.gpucheck) at small sizes, so a GPU machine can run them with `pytest -m cuda`. Each skips
+with its reason where no GPU is present (CI, this project's CPU machines); there the same steps
+run in the check's dry run (tests/test_gpu_check.py) under the CUDA fakes.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import math
-import socket
-import statistics
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from fcn.benchmark.run import MIN_AGREEMENT
-from fcn.cityscapes.layout import list_images
-from fcn.images import read_rgb
-from fcn.metrics import summary
-from fcn.model import FCN8s
-from fcn.predict.predictor import Predictor
-from fcn.train.data import SegmentationDataset
-from fcn.train.distributed import Context
-from fcn.train.fit import make_loaders
-from fcn.train.loop import (build_criterion, build_optimizer, build_scheduler, train_one_epoch,
-                            validate)
-from fcn.params import TrainParams
+from fcn.gpucheck import profiles
+from fcn.gpucheck.data import step_data
+from fcn.gpucheck.runner import PASSED, Check, run_step
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA device (none here); `make gpu-check` lists these "
-                              "paths in its dry mode"),
+                       reason="needs a CUDA device (none here); the GPU check's dry run runs "
+                              "these steps under the CUDA fakes"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+STEPS = {step.name: step for step in profiles.steps("loan")}
 
 
-def _gpu_check():
-    """benchmarks/gpu_check.py as a module (its strict-fp32 switch is shared with the check)."""
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check",
-                                                      REPO / "benchmarks" / "gpu_check.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
+def _sizes() -> profiles.Sizes:
+    """The dry run's sizes, with full-size images where memory must separate the modes."""
+    dry = profiles.dry_sizes()
+    large = dataclasses.replace(dry.large, height=512, width=1024)
+    return dataclasses.replace(dry, large=large, slide_window=(256, 512),
+                               slide_stride=(171, 342), data_workers=2)
 
 
-@pytest.fixture
-def cuda() -> Context:
-    return Context(0, 1, torch.device("cuda"))
+@pytest.fixture(scope="module")
+def check(tmp_path_factory: pytest.TempPathFactory) -> Check:
+    check = Check(mode="cuda", work=tmp_path_factory.mktemp("gpu-check"), sizes=_sizes(),
+                  gpus=torch.cuda.device_count())
+    assert step_data(check).passed
+    result = run_step(STEPS["overfit"], check)
+    assert result.status == PASSED, result.reason
+    return check
 
 
-def _train_loader(tiny_dataset: Path, masks: Path, context: Context, batch_size: int):
-    """fit's training loader over the tiny train split: whole 64x128 images, no augmentation."""
-    params = TrainParams(crop=[64, 128], scale=[1.0, 1.0], flip=False, jitter=0.0,
-                         batch_size=batch_size, workers=0)
-    return make_loaders(tiny_dataset, masks, params, context)[0]
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_amp_training_steps_have_a_finite_decreasing_loss(tiny_dataset, masks, cuda, precision):
-    torch.manual_seed(0)
-    batch = [next(iter(_train_loader(tiny_dataset, masks, cuda, 4)))]  # the same every step
-    model = FCN8s("vgg11_bn").to(cuda.device)
-    params = TrainParams(precision=precision, poly_power=0.0)
-    optimizer = build_optimizer(model, params)
-    scheduler = build_scheduler(optimizer, params, 16)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # as fit() makes it
-    criterion = build_criterion(None, cuda.device)
-    losses = [train_one_epoch(model, batch, criterion, optimizer, scheduler, scaler, cuda,
-                              precision, step).loss for step in range(16)]
-    assert all(math.isfinite(v) for v in losses), losses
-    assert statistics.fmean(losses[-4:]) < 0.9 * statistics.fmean(losses[:4]), losses
-    if precision == "fp16":
-        assert scaler.is_enabled() and 0 < scaler.get_scale() < math.inf
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def _overfit(tiny_dataset: Path, masks: Path, cuda: Context) -> FCN8s:
-    """FCN8s trained on the tiny train images in bf16 until their mIoU reaches 0.9 (a trained
-    model's logit margins, for the agreement check)."""
-    torch.manual_seed(0)
-    loader = _train_loader(tiny_dataset, masks, cuda, 6)
-    plain = DataLoader(SegmentationDataset(tiny_dataset, masks, "train"))
-    model = FCN8s("vgg11_bn").to(cuda.device)
-    params = TrainParams(lr=2e-3, epochs=500, weight_decay=0.0)
-    optimizer = build_optimizer(model, params)
-    scheduler = build_scheduler(optimizer, params, 500)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    criterion = build_criterion(None, cuda.device)
-    for step in range(500):
-        train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, cuda, "bf16",
-                        step)
-        if step % 10 == 9:
-            result = validate(model, plain, criterion, cuda, "bf16")
-            if summary(result.confusion)["miou"] >= 0.9:
-                return model.eval()
-    pytest.fail("six images did not overfit to mIoU 0.9 in 500 bf16 steps on CUDA")
-
-
-def test_predictor_fp16_and_bf16_agree_with_fp32(tiny_dataset, masks, cuda):
-    model = _overfit(tiny_dataset, masks, cuda)
-    images = np.stack([np.array(read_rgb(p)) for p in list_images(tiny_dataset, "val")])
-    with _gpu_check().strict_fp32(cuda.device):  # the reference: no TF32 anywhere
-        reference = Predictor(model, "cuda", "fp32")(images)
-    for precision in ("fp16", "bf16"):  # evaluate/export's defaults: autocast, channels-last
-        predicted = Predictor(model, "cuda", precision, channels_last=True)(images)
-        share = float((predicted == reference).mean())
-        assert share >= MIN_AGREEMENT, f"{precision}: {share:.5%} of pixels agree with fp32"
-
-
-def test_real_out_of_memory_falls_back_to_one_image_then_slide_mode(caplog):
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = FCN8s("vgg11_bn").eval()
-    for layer in (model.score_pool5, model.score_pool4, model.score_pool3):
-        nn.init.normal_(layer.weight, std=0.5)
-    images = np.random.default_rng(0).integers(0, 256, (2, 512, 1024, 3), dtype=np.uint8)
-    window, stride = (128, 256), (96, 192)
-    expected = Predictor(model, device, mode="slide", window=window, stride=stride)(images)
-    peaks = {}
-    for mode in ("slide", "whole"):
-        predictor = Predictor(model, device, mode=mode, window=window, stride=stride)
-        predictor(images[:1])
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        predictor(images[:1])
-        peaks[mode] = torch.cuda.max_memory_reserved(device)
-    assert peaks["slide"] < peaks["whole"], peaks
-    capped = Predictor(model, device, window=window, stride=stride)
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction((peaks["slide"] + peaks["whole"]) / 2 / total)
-    try:
-        with caplog.at_level("WARNING", "fcn"):
-            got = capped(images)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
-    warnings = [r.message for r in caplog.records if "out of memory" in r.message]
-    assert len(warnings) == 2 and "slide mode" in warnings[1], warnings
-    assert (got == expected).mean() >= MIN_AGREEMENT
+@pytest.mark.parametrize("name", ["train_fp32", "train_tf32", "train_bf16", "train_fp16",
+                                  "sync_free", "predict_fp32", "predict_tf32", "predict_fp16",
+                                  "predict_bf16", "slide", "oom_fallback", "kill_resume"])
+def test_the_gpu_checks_step_passes_on_this_gpu(check, name):
+    result = run_step(STEPS[name], check)
+    assert result.status == PASSED, (result.reason, result.error)
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,5 +1,5 @@
-"""What the device can do: its dense matmul rate, which precisions it runs natively, TF32
-switches, and the environment the figures were measured in.
+"""What the device can do: its dense matmul rate, which precisions it runs natively, and the
+environment the figures were measured in (the TF32 switches themselves are `fcn.backends`').
 
 Utilisation = achieved FLOP/s ÷ the device's dense matmul FLOP/s, measured in the same process
 at the same precision (`matmul_rate`). A precision the device has no kernels for is reported as
@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 from fcn.benchmark.plan import Protocol
-from fcn.device import DTYPES, synchronize
+from fcn.device import DTYPES, capability, device_name, native_bf16, properties, synchronize
 
 MATMUL_REPS = {"cpu": 4, "cuda": 20}
 """Timed products per matmul-rate figure; the best counts."""
@@ -28,9 +28,9 @@ MATMUL_REPS = {"cpu": 4, "cuda": 20}
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
     """Best dense n×n matmul rate in FLOP/s over `reps` timed products (one warm-up first)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
-    b = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU random stream is untouched
+        a = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
+        b = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
@@ -74,11 +74,11 @@ def precision_support(device: torch.device, precision: str) -> str | None:
     if precision == "fp32":
         return None
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        name = torch.cuda.get_device_name(device)
+        major, minor = capability(device)
+        name = device_name(device)
         if precision == "tf32" and major < 8:
             return f"TF32 needs compute capability >= 8.0; {name} is {major}.{minor}"
-        if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if precision == "bf16" and not native_bf16(device):
             return f"{name} (compute capability {major}.{minor}) has no native bf16"
         if precision == "fp16" and (major, minor) < (5, 3):
             return f"{name} (compute capability {major}.{minor}) has no native fp16"
@@ -98,19 +98,6 @@ def precision_support(device: torch.device, precision: str) -> str | None:
             f", oneDNN {check[4:]} = False); {probe}")
 
 
-def set_tf32(enabled: bool) -> tuple[bool, bool]:
-    """Allow/forbid TF32 for CUDA matmuls and cuDNN convolutions; the flags now in force."""
-    mode = "tf32" if enabled else "ieee"
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        matmul.fp32_precision = mode
-        conv.fp32_precision = mode
-        return matmul.fp32_precision == "tf32", conv.fp32_precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-
-
 def environment(device: torch.device, protocol: Protocol) -> dict[str, Any]:
     """What the figures were measured on and with."""
     env: dict[str, Any] = {
@@ -125,9 +112,9 @@ def environment(device: torch.device, protocol: Protocol) -> dict[str, Any]:
         "device_name": _cpu_name(), "compute_capability": None, "device_memory_gb": None,
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, compute_capability=f"{props.major}.{props.minor}",
-                   device_memory_gb=round(props.total_memory / 2**30, 1),
+        props = properties(device)
+        env.update(device_name=props["name"], compute_capability=props["compute_capability"],
+                   device_memory_gb=round(props["memory_bytes"] / 2**30, 1),
                    cudnn=torch.backends.cudnn.version(), cudnn_benchmark=protocol.cudnn_benchmark)
     else:
         env["tf32"] = "n/a (CPU)"

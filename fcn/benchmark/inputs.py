@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn.benchmark.capability import set_tf32
+from fcn.backends import math_mode
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.device import autocast
+from fcn.device import autocast, to_model_input
 from fcn.model import FCN8s
 from fcn.params import BenchmarkParams, ModelParams
 from fcn.synthetic import make_scene, render_image
@@ -32,11 +32,10 @@ def benchmark_images(count: int, height: int, width: int, seed: int) -> np.ndarr
 
 
 def to_input(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [0, 1] on `device`, as the model takes it."""
-    x = torch.from_numpy(np.array(images, copy=True)).to(device)
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else
-                        torch.contiguous_format)
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [0, 1] on `device`, as the model takes it
+    (copied there as uint8, converted there by `fcn.device.to_model_input`)."""
+    return to_model_input(torch.from_numpy(np.array(images, copy=True)).to(device),
+                          channels_last)
 
 
 @torch.no_grad()
@@ -89,7 +88,5 @@ def predict_classes(model: FCN8s, images: np.ndarray, device: torch.device, prec
     bf16/fp16 this runs PyTorch's reference kernels: slow, numerically the same rounding."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(device, memory_format=memory_format)
-    if device.type == "cuda":
-        set_tf32(precision == "tf32")
-    with autocast(device, precision, cuda_only=False):
+    with math_mode(device, precision), autocast(device, precision, cuda_only=False):
         return model(to_input(images, device, channels_last)).argmax(1)

@@ -75,7 +75,8 @@ def write_figure(results: dict[str, Any], path: str | Path,
     ax_lat.set_xlabel("latency per batch, median (ms)")
     if entries:
         ax_lat.legend(loc="lower right", fontsize=8)
-    ax_mem.barh(ys, [e["peak_memory_mb"] for e in entries], color="#dd8452")
+    ax_mem.barh(ys, [e["peak_memory_mb"] or 0.0 for e in entries], color="#dd8452")  # None:
+    # not measured (onnxruntime on CUDA)
     ax_mem.set_xlabel(memory_label(results))
     ax_lat.set_yticks(list(ys), names, fontsize=8)
     ax_lat.invert_yaxis()
@@ -92,6 +93,10 @@ def write_figure(results: dict[str, Any], path: str | Path,
     plt.close(fig)
 
 
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The measured configurations as a Markdown table (see docs/performance.md)."""
     lines = ["| configuration | median ms | p90 ms | images/s | images/s load-corrected | "
@@ -102,7 +107,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {e['name']} | {e['latency_ms_median']:.1f} | {e['latency_ms_p90']:.1f} | "
             f"{e['throughput_ips']:.3f} | {e['throughput_ips_load_corrected']:.3f} | "
-            f"{e['peak_memory_mb']:.0f} | {e['achieved_tflops']:.3f} | "
+            f"{_mb(e['peak_memory_mb'])} | {e['achieved_tflops']:.3f} | "
             f"{e['matmul_tflops']:.3f} | {100 * e['utilisation']:.0f}% | {agreement} |")
     skipped: dict[str, list[str]] = {}
     for e in results["configs"].values():

@@ -26,7 +26,7 @@ from fcn.benchmark.capability import (MATMUL_REPS, environment, load_average, pr
 from fcn.benchmark.flops import analytic_flops, counted_flops
 from fcn.benchmark.inputs import benchmark_images, load_weights
 from fcn.benchmark.plan import Config, Protocol, plan
-from fcn.benchmark.worker import Job, run_isolated
+from fcn.benchmark.worker import Job, measure, run_isolated
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.model import FCN8s
 from fcn.params import BenchmarkParams, ModelParams
@@ -73,6 +73,7 @@ class ConfigResult:
     agreement: float | None = None
     tf32_matmul: bool | None = None
     tf32_cudnn: bool | None = None
+    timer: str | None = None
 
     @classmethod
     def planned(cls, config: Config, protocol: Protocol) -> ConfigResult:
@@ -104,6 +105,7 @@ class ConfigResult:
         self.utilisation = achieved / raw["matmul_flops"]
         self.tf32_matmul = raw["tf32_matmul"]
         self.tf32_cudnn = raw["tf32_cudnn"]
+        self.timer = raw["timer"]
         self.peak_memory_mb = (self.peak_allocated_mb if self.peak_allocated_mb is not None
                                else self.peak_rss_growth_mb)
 
@@ -117,12 +119,32 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+PROCESSES = ("per_config", "shared")
+
+
+def jobs(configs: list[Config], processes: str) -> list[list[Config]]:
+    """The configurations grouped into worker processes, in order: each alone (`per_config`,
+    the benchmark stage: nothing one leaves behind colours another), or the eager PyTorch
+    ones together and each compiled or onnxruntime one alone (`shared`: fewer CUDA start-ups,
+    for the GPU check's short loan)."""
+    if processes not in PROCESSES:
+        raise ValueError(f"processes must be one of {PROCESSES}, got {processes!r}")
+    if processes == "per_config":
+        return [[c] for c in configs]
+    eager = [c for c in configs if not c.compile and c.runtime == "torch"]
+    rest = [[c] for c in configs if c.compile or c.runtime != "torch"]
+    return ([eager] if eager else []) + rest
+
+
 def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, processes: str = "per_config",
+                  isolate: bool = True) -> dict[str, Any]:
     """Measure every configuration `params` asks for; the JSON-ready results.
 
     Configurations the device cannot run are entries with status 'skipped' and a reason; a
     configuration that fails (out of memory, compiler error) is skipped with the error.
+    `processes`: how configurations share worker processes (`jobs`); `isolate` False measures
+    in this process instead (the GPU check's dry run, whose CUDA fakes live in this process).
     """
     load_start = load_average()
     protocol, configs = plan(params)
@@ -151,41 +173,54 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
         np.save(images_path, images)
         model = load_weights(params, model_params, images[0])
         torch.save(model.state_dict(), state_path)
+        todo = sorted(configs, key=lambda c: c != reference)  # the reference first
+        if reference not in configs:
+            todo.insert(0, reference)
+        reasons = {c.name: (runtime_support(device, c.runtime)
+                            or precision_support(device, c.precision)) for c in todo}
+        runnable = [c for c in todo if reasons[c.name] is None]
         onnx_path = None
-        if any(c.runtime == "onnxruntime" for c in configs):
+        if any(c.runtime == "onnxruntime" for c in runnable):
             from fcn.deploy import export_onnx
 
             onnx_path = Path(tmp) / "model.onnx"
             export_onnx(model, onnx_path, 18)
         del images, model
-        todo = sorted(configs, key=lambda c: c != reference)  # the reference first
-        if reference not in configs:
-            todo.insert(0, reference)
-        for config in tqdm(todo, desc="benchmark", unit="config", disable=not progress):
+        bar = tqdm(total=len(todo), desc="benchmark", unit="config", disable=not progress)
+        for group in jobs(runnable, processes):
+            job = Job(tuple(group), protocol, model_params, str(state_path), str(images_path),
+                      str(onnx_path) if onnx_path else None)
+            try:
+                raws = run_isolated(job) if isolate else measure(job)
+            except Exception as exc:  # noqa: BLE001 - any failure skips just these configs
+                failure = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                raws = [{"error": failure.removeprefix("failed: ")}] * len(group)
+            for config, raw in zip(group, raws):
+                if "error" in raw:
+                    reasons[config.name] = f"failed: {raw['error']}"
+                    continue
+                predictions[config.name] = raw.pop("prediction")
+                entry = entries.get(config.name)
+                if entry is not None:
+                    entry.fill(raw, slide_flops if config.mode == "slide" else flops)
+            bar.update(len(group))
+        bar.update(len(todo) - len(runnable))
+        bar.close()
+        for config in todo:
             entry = entries.get(config.name)
-            reason = (runtime_support(device, config.runtime)
-                      or precision_support(device, config.precision))
-            if reason is None:
-                job = Job(config, protocol, model_params, str(state_path), str(images_path),
-                          str(onnx_path) if onnx_path else None)
-                try:
-                    raw = run_isolated(job)
-                except Exception as exc:  # noqa: BLE001 - any failure skips just this config
-                    reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                else:
-                    predictions[config.name] = raw.pop("prediction")
-                    if entry is not None:
-                        entry.fill(raw, slide_flops if config.mode == "slide" else flops)
             if entry is None:
                 continue
+            reason = reasons[config.name]
             if reason is not None:
                 entry.status, entry.reason = "skipped", reason
                 log.warning("%s skipped: %s", config.name, reason)
             else:
-                log.info("%s: median %.1f ms, p90 %.1f ms, %.2f images/s, peak %.0f MB, "
+                log.info("%s: median %.1f ms, p90 %.1f ms, %.2f images/s, peak %s MB, "
                          "%.2f TFLOP/s = %.0f%% of matmul", config.name,
                          entry.latency_ms_median, entry.latency_ms_p90, entry.throughput_ips,
-                         entry.peak_memory_mb, entry.achieved_tflops, 100 * entry.utilisation)
+                         "n/a" if entry.peak_memory_mb is None else
+                         f"{entry.peak_memory_mb:.0f}", entry.achieved_tflops,
+                         100 * entry.utilisation)
     ref = predictions.get(reference.name)
     for name, prediction in predictions.items():
         if name in entries and ref is not None:
@@ -197,7 +232,8 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
         "protocol": {**dataclasses.asdict(protocol), "weights": params.weights,
                      "timed": "model forward (logits) on an input already on the device",
                      "matmul_reps": MATMUL_REPS[device.type],
-                     "matmul_rate": ("best of the rates before and after the model runs"
+                     "processes": processes,
+                     "matmul_rate": ("probed once per precision and worker process"
                                      if device.type == "cuda" else "median of the rates before, "
                                      "after each timed call, and at the end"),
                      "agreement_reference": reference.name, "min_agreement": MIN_AGREEMENT},

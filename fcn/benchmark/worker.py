@@ -1,18 +1,31 @@
-"""Measuring one configuration, in a fresh spawned process: latency per call, peak memory,
-the matmul rate alongside, and image 0's prediction for the agreement check.
+"""Measuring configurations in a fresh spawned process: latency per call, peak memory, the
+matmul rate alongside, and image 0's prediction for the agreement check.
+
+A job is one or more configurations measured one after the other in the same process
+(`fcn.benchmark.run` decides: one per process for the stage, so one configuration's caches,
+compiled graphs or crash cannot colour another's figures; eager configurations sharing one
+process for the GPU check, to save CUDA start-ups). Each configuration computes inside
+`fcn.backends.math_mode` (TF32 only for `tf32`, cuDNN autotuning as the protocol says), so its
+switches end with it.
 
 Peak memory:
-- CUDA: `max_memory_allocated` / `max_memory_reserved` over the timed calls, after the warm-up,
-  `empty_cache` and `reset_peak_memory_stats` (steady state; weights and input included).
+- CUDA, PyTorch: `max_memory_allocated` / `max_memory_reserved` over the timed calls, after the
+  warm-up, `empty_cache` and `reset_peak_memory_stats` (steady state; weights and input
+  included).
+- CUDA, onnxruntime: not measured (None): its allocator is not PyTorch's, which cannot see it.
 - CPU: the growth of the process's resident set during inference (warm-up included): Linux
   resets the kernel's high-water mark (`/proc/self/clear_refs` ← 5) once the model and input are
   in memory, and the figure is VmHWM − VmRSS at that point. Without /proc the growth of
   `ru_maxrss` is reported instead, which is a lower bound (the method is recorded per run).
 
-Matmul rate: on CUDA the better of one taken before and one after the model runs counts; on a
-CPU, which other work may share, a matmul figure is also taken after every timed call and the
-median of all counts, so that latency and matmul rate see the same load (the memory peak
-excludes those matmuls).
+Timing: CUDA events around each PyTorch call (the input already on the device); onnxruntime
+on CUDA runs with its input and output bound on the device (`io_binding`: no host copies in the
+timed call) and is timed by the host clock, since it synchronises its own stream before it
+returns. Which execution provider really ran is checked, not assumed.
+
+Matmul rate: on CUDA (a dedicated device) probed once per precision and process; on a CPU,
+which other work may share, also after every timed call, and the median counts, so that
+latency and matmul rate see the same load (the memory peak excludes those matmuls).
 """
 
 from __future__ import annotations
@@ -32,11 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcn.benchmark.capability import MATMUL_REPS, matmul_rate, set_tf32
+from fcn.backends import math_mode, tf32_enabled
+from fcn.benchmark.capability import MATMUL_REPS, matmul_rate
 from fcn.benchmark.inputs import to_input
 from fcn.benchmark.plan import Config, Protocol
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.device import DTYPES, autocast, synchronize
+from fcn.device import (DTYPES, autocast, empty_cache, event_times, indexed, peak_memory,
+                        reset_peak, synchronize)
 from fcn.model import FCN8s
 from fcn.params import ModelParams
 from fcn.predict.predictor import slide_logits
@@ -46,7 +61,7 @@ from fcn.predict.predictor import slide_logits
 class Job:
     """Everything a worker process needs: picklable, no tensors."""
 
-    config: Config
+    configs: tuple[Config, ...]
     protocol: Protocol
     model: ModelParams
     state_path: str
@@ -100,38 +115,79 @@ class PeakRss:
         return max(0, self.peak)
 
 
-def measure(job: Job) -> dict[str, Any]:
-    """Time one configuration in this (fresh) process; figures plus image 0's prediction."""
-    config, protocol = job.config, job.protocol
-    device = torch.device(protocol.device)
+class _Rates:
+    """The dense matmul rate per precision for this process (`matmul_rate`)."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol = protocol
+        self.device = torch.device(protocol.device)
+        self.once: dict[str, float] = {}
+
+    def probe(self, precision: str) -> float:
+        return matmul_rate(self.device, DTYPES[precision], self.protocol.matmul_size,
+                           MATMUL_REPS[self.device.type])
+
+    def cached(self, precision: str) -> float:
+        if precision not in self.once:
+            self.once[precision] = self.probe(precision)
+        return self.once[precision]
+
+
+def measure(job: Job) -> list[dict[str, Any]]:
+    """Time each configuration of `job` in this (fresh) process, in order: its figures plus
+    image 0's prediction, or {'error': ...} for one that failed (the next ones still run)."""
+    protocol = job.protocol
     torch.set_num_threads(protocol.threads)
+    rates = _Rates(protocol)
+    results = []
+    for config in job.configs:
+        try:
+            results.append(_measure_one(job, config, rates))
+        except Exception as exc:  # noqa: BLE001 - one configuration's failure is its own
+            results.append({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                            if str(exc).strip() else type(exc).__name__})
+        gc.collect()
+        empty_cache(torch.device(protocol.device))
+    return results
+
+
+def _measure_one(job: Job, config: Config, rates: _Rates) -> dict[str, Any]:
+    protocol = job.protocol
+    device = torch.device(protocol.device)
     torch.manual_seed(protocol.seed)
-    tf32 = (None, None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = protocol.cudnn_benchmark
-        tf32 = set_tf32(config.precision == "tf32")
-    # The dense matmul rate at this precision, in this process. CUDA (a dedicated device):
-    # before and after the model runs, the better counts. CPU (shared with whatever else the
-    # machine runs): after every timed call too, and the median counts, so that the rate and
-    # the latency are measured under the same load.
-    matmul_args = (device, DTYPES[config.precision], protocol.matmul_size,
-                   MATMUL_REPS[device.type])
-    matmul_rates = [matmul_rate(*matmul_args)]
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = FCN8s(job.model.backbone, NUM_CLASSES, job.model.fc67, job.model.fc_channels)
-    model.load_state_dict(torch.load(job.state_path, map_location="cpu", weights_only=True))
-    model = model.eval().to(device, memory_format=memory_format)
-    images = np.load(job.images_path, mmap_mode="r")[: config.batch_size]
-    x = to_input(images, device, config.channels_last)
-    del images
-    if config.compile:
-        import torch._inductor.config as inductor
+    with math_mode(device, config.precision, benchmark=protocol.cudnn_benchmark):
+        tf32 = tf32_enabled() if device.type == "cuda" else (None, None)
+        if device.type == "cuda":
+            matmul_rates = [rates.cached(config.precision)]
+        else:
+            matmul_rates = [rates.probe(config.precision)]
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        model = FCN8s(job.model.backbone, NUM_CLASSES, job.model.fc67, job.model.fc_channels)
+        model.load_state_dict(torch.load(job.state_path, map_location="cpu", weights_only=True))
+        model = model.eval().to(device, memory_format=memory_format)
+        images = np.load(job.images_path, mmap_mode="r")[: config.batch_size]
+        x = to_input(images, device, config.channels_last)
+        del images
+        if config.compile:
+            import torch._inductor.config as inductor
 
-        inductor.freezing = True  # inference: fold batch norm into the convolutions, prepack
-        model = torch.compile(model)
+            inductor.freezing = True  # inference: fold batch norm into convolutions, prepack
+            model = torch.compile(model)
+        forward, predict, timer = _forward(job, config, model, x)
+        result = _time(device, config, protocol, forward, predict, timer, matmul_rates, rates)
+        result.update(tf32_matmul=tf32[0], tf32_cudnn=tf32[1])
+        if config.runtime == "onnxruntime" and device.type == "cuda":
+            result.update(peak_allocated_mb=None, peak_reserved_mb=None,
+                          memory_method="not measured: onnxruntime allocates outside "
+                                        "PyTorch's caching allocator")
+        del model, x, forward, predict
+    return result
+
+
+def _time(device: torch.device, config: Config, protocol: Protocol,
+          forward: Callable[[], Any], predict: Callable[[Any], np.ndarray], timer: str,
+          matmul_rates: list[float], rates: _Rates) -> dict[str, Any]:
     casting = autocast(device, config.precision, cuda_only=False)
-    forward = _forward(job, model, x)
-
     rss = PeakRss()
     latencies: list[float] = []
     with torch.inference_mode(), casting:
@@ -147,18 +203,16 @@ def measure(job: Job) -> dict[str, Any]:
             forward()
         synchronize(device)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(protocol.iters)]
-            for i, (begin, end) in enumerate(events):
-                begin.record()
-                out = forward()
-                end.record()
-                if i < protocol.iters - 1:
-                    del out
-            torch.cuda.synchronize(device)
-            latencies = [begin.elapsed_time(end) / 1e3 for begin, end in events]
+            empty_cache(device)
+            reset_peak(device)
+            if timer == "events":
+                latencies, out = event_times(device, forward, protocol.iters)
+            else:
+                for _ in range(protocol.iters):
+                    start = time.perf_counter()
+                    out = forward()
+                    synchronize(device)
+                    latencies.append(time.perf_counter() - start)
         else:
             rss.checkpoint()  # the warm-up's peak
             for i in range(protocol.iters):
@@ -169,49 +223,86 @@ def measure(job: Job) -> dict[str, Any]:
                 rss.checkpoint()
                 if i < protocol.iters - 1:
                     del out
-                matmul_rates.append(matmul_rate(*matmul_args))
-        prediction = out[0].argmax(0).to(torch.uint8).cpu().numpy()
+                matmul_rates.append(rates.probe(config.precision))
+        prediction = predict(out)
     result: dict[str, Any] = {"latencies_s": latencies, "first_call_s": first_call,
-                              "prediction": prediction, "tf32_matmul": tf32[0],
-                              "tf32_cudnn": tf32[1]}
-    if device.type == "cuda":
-        result["peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        result["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+                              "prediction": prediction, "timer": timer}
+    peaks = peak_memory(device)
+    if peaks is not None:
+        result["peak_allocated_mb"] = peaks["allocated"] / 2**20
+        result["peak_reserved_mb"] = peaks["reserved"] / 2**20
         result["memory_method"] = ("torch.cuda.max_memory_allocated/reserved over the timed "
                                    "calls, after warm-up, empty_cache, reset_peak_memory_stats")
     else:
         result["peak_rss_growth_mb"] = rss.growth() / 2**20
         result["rss_baseline_mb"] = rss.baseline / 2**20
         result["memory_method"] = rss.method + " (model and input loaded; warm-up included)"
-    del out, model, x, forward
+    del out
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    matmul_rates.append(matmul_rate(*matmul_args))
+    empty_cache(device)
     if device.type == "cuda":
         result["matmul_flops"] = max(matmul_rates)
     else:
+        matmul_rates.append(rates.probe(config.precision))
         result["matmul_flops"] = statistics.median(matmul_rates)
     return result
 
 
-def _forward(job: Job, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The timed call: the model on whole images, on sliding windows, or onnxruntime."""
-    config, protocol = job.config, job.protocol
+def _forward(job: Job, config: Config, model: torch.nn.Module, x: torch.Tensor
+             ) -> tuple[Callable[[], Any], Callable[[Any], np.ndarray], str]:
+    """(the timed call, its output → image 0's class map, how it is timed): the model on
+    whole images, on sliding windows, or onnxruntime."""
+    protocol = job.protocol
     if config.runtime == "onnxruntime":
-        from fcn.deploy import INPUT, OUTPUT, session
+        return _onnxruntime(job, x)
 
-        sess = session(job.onnx_path, protocol.threads, cuda=x.device.type == "cuda")
-        feed = {INPUT: x.cpu().numpy()}
-        return lambda: torch.from_numpy(sess.run([OUTPUT], feed)[0])
+    def classes(out: torch.Tensor) -> np.ndarray:
+        return out[0].argmax(0).to(torch.uint8).cpu().numpy()
+
     if config.mode == "slide":
-        return lambda: slide_logits(model, x, protocol.window, protocol.stride)
-    return lambda: model(x)
+        return (lambda: slide_logits(model, x, protocol.window, protocol.stride), classes,
+                "events")
+    return lambda: model(x), classes, "events"
 
 
-def run_isolated(job: Job) -> dict[str, Any]:
-    """`measure(job)` in a fresh spawned process; an exception or a dead worker is re-raised
-    as RuntimeError naming what happened."""
+def _onnxruntime(job: Job, x: torch.Tensor
+                 ) -> tuple[Callable[[], Any], Callable[[Any], np.ndarray], str]:
+    """onnxruntime on the input's device: the session's provider must be that device's (CUDA:
+    onnxruntime-gpu), else the configuration fails saying which provider would have run."""
+    from fcn.deploy import INPUT, OUTPUT, session
+
+    cuda = x.device.type == "cuda"
+    sess = session(job.onnx_path, job.protocol.threads, cuda=cuda)
+    wanted = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+    used = sess.get_providers()
+    if used[:1] != [wanted]:
+        raise RuntimeError(f"onnxruntime would run on {used[0] if used else 'no provider'}, "
+                           f"not {wanted} (providers {used})")
+    if not cuda:
+        feed = {INPUT: x.contiguous().numpy()}
+        return (lambda: sess.run([OUTPUT], feed)[0],
+                lambda out: np.asarray(out)[0].argmax(0).astype(np.uint8), "host clock")
+    x = x.contiguous()
+    binding = sess.io_binding()
+    index = indexed(x.device).index
+    binding.bind_input(name=INPUT, device_type="cuda", device_id=int(index),
+                       element_type=np.float32, shape=tuple(int(n) for n in x.shape),
+                       buffer_ptr=int(x.data_ptr()))
+    binding.bind_output(OUTPUT, "cuda", int(index))
+
+    def call() -> Any:
+        sess.run_with_iobinding(binding)
+        return binding
+
+    def classes(out: Any) -> np.ndarray:
+        return np.asarray(out.copy_outputs_to_cpu()[0])[0].argmax(0).astype(np.uint8)
+
+    return call, classes, "host clock"
+
+
+def run_isolated(job: Job) -> list[dict[str, Any]]:
+    """`measure(job)` in a fresh spawned process; a dead worker is re-raised as RuntimeError
+    naming what happened."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         try:

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fcn.backends import inference_mode
 from fcn.checkpoint import load_model
-from fcn.device import autocast, autocast_dtype, resolve_device
+from fcn.device import autocast, autocast_dtype, empty_cache, resolve_device, to_model_input
 from fcn.params import InferenceParams, ModelParams
 from fcn.threads import read_ahead
 
@@ -92,7 +93,7 @@ class Predictor:
         self.precision = precision
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self._fallback: str | None = None  # after an OOM: "per_image", then "slide"
-        if precision != "fp32" and self.autocast_dtype is None:
+        if precision != "fp32" and self.device.type != "cuda":
             log.info("precision %s applies on CUDA only; running fp32 on %s", precision,
                      self.device)
 
@@ -146,17 +147,19 @@ class Predictor:
     @torch.inference_mode()
     def scores(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Class scores (N, 19, H, W) for uint8 images (N, H, W, 3) already on the device:
-        logits, or with several views the mean of their softmax probabilities."""
-        x = images.permute(0, 3, 1, 2).float().div_(255)
-        return self._scores(x.contiguous(memory_format=self.memory_format), mode or self.mode)
+        logits, or with several views the mean of their softmax probabilities. Computed in
+        `fcn.backends.inference_mode` (strict fp32 unless the precision is tf32; cuDNN
+        autotuning on CUDA), the switches restored afterwards."""
+        x = to_model_input(images, self.memory_format == torch.channels_last)
+        with inference_mode(self.device, self.precision):
+            return self._scores(x, mode or self.mode)
 
     def _labels(self, batch: torch.Tensor, mode: str) -> np.ndarray:
         return self.scores(batch, mode).argmax(1).to(torch.uint8).cpu().numpy()
 
     def _free(self) -> None:
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(self.device)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fcn.device import resolve_device
+from fcn.device import cuda_count, resolve_device, set_current
 from fcn.errors import FcnError
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,11 @@ def setup(device_choice: str) -> Context:
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_choice, local_rank, "train.device")
     if device.type == "cuda":
-        if int(os.environ["LOCAL_WORLD_SIZE"]) > torch.cuda.device_count():
+        if int(os.environ["LOCAL_WORLD_SIZE"]) > cuda_count():
             raise FcnError(f"train.nproc {os.environ['LOCAL_WORLD_SIZE']} exceeds the "
-                           f"{torch.cuda.device_count()} CUDA device(s) here: NCCL needs one "
+                           f"{cuda_count()} CUDA device(s) here: NCCL needs one "
                            "GPU per process (lower train.nproc, or set train.device to cpu)")
-        torch.cuda.set_device(device)
+        set_current(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _log_restart(dist.get_rank())
     return Context(dist.get_rank(), dist.get_world_size(), device)

@@ -29,6 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from fcn import checkpoint as ckpt
+from fcn.backends import flags, training_mode
+from fcn.device import grad_scaler, restore_scaler
 from fcn.images import MAX_PIXELS
 from fcn.train.augment import Recipe
 from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, worker_count
@@ -55,15 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def configure_determinism(device: torch.device) -> None:
-    """Deterministic kernels on CPU (bit-exact resume); cuDNN autotuning on GPU (speed)."""
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-        torch.backends.mkldnn.deterministic = True
-    else:
-        torch.backends.cudnn.benchmark = True
 
 
 def make_loaders(root: str | Path, generated: str | Path, t: TrainParams, context: Context,
@@ -103,13 +96,16 @@ def scores(result: PassResult, per_class: bool = False) -> dict[str, float]:
 
 class LiveLog:
     """The per-epoch DVCLive log of rank 0, rebuilt from the checkpoint's history; with
-    `monitor_system`, DVCLive's CPU/RAM/GPU monitor runs from then on."""
+    `monitor_system`, DVCLive's CPU/RAM/GPU monitor runs from then on. `compute`: the math
+    the run trains with, written into its summary (metrics.json) as `compute.*`."""
 
     def __init__(self, directory: str | Path, history: list[dict[str, Any]],
-                 monitor_system: bool = False) -> None:
+                 monitor_system: bool = False, compute: dict[str, Any] | None = None) -> None:
         from dvclive import Live  # imported here: only rank 0 of a training run needs it
 
         self.live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, resume=False)
+        if compute is not None:  # how the numbers were computed (fcn.backends.flags)
+            self.live.summary["compute"] = dict(compute)
         for record in history:
             self.log(record)
         if monitor_system:  # after the replay, so old epochs get no samples of this run
@@ -173,7 +169,7 @@ def validates(epoch: int, epochs: int, every: int) -> bool:
 
 
 def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str | Path,
-        live_dir: str | Path = "metrics/train",
+        live_dir: str | Path | None = "metrics/train",
         identity: Mapping[str, Mapping[str, Any]] | None = None,
         class_weights_file: str | Path | None = None, decoded: str | Path | None = None,
         max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
@@ -184,8 +180,12 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     is not trained again. `identity`: further sections (plain data) that name the data, so a
     checkpoint of other data is not resumed; `class_weights_file`: the class_weights stage's
     output, read when train.class_weights names a scheme; `decoded`: the decode stage's cache,
-    read instead of the PNGs (the same samples either way); `max_pixels`: data.max_pixels.
-    Every rank calls this under torchrun."""
+    read instead of the PNGs (the same samples either way); `max_pixels`: data.max_pixels;
+    `live_dir` None: no DVCLive log (checkpoints only).
+
+    The run computes inside `fcn.backends.training_mode` (deterministic on a CPU, cuDNN
+    autotuning on CUDA, TF32 only for precision tf32), and leaves the switches as it found
+    them. Every rank calls this under torchrun."""
     context = setup(train.device)
     if not context.is_main:
         logging.getLogger("fcn").setLevel(logging.WARNING)
@@ -197,14 +197,16 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
                            "is needed (stages/train.py --class-weights)")
         weights = read_class_weights(class_weights_file, weights)
     directory = resume.state_dir(train.resume_dir, hashed)
+    live = None if live_dir is None else Path(live_dir)
     try:
-        if not context.is_main:
-            return _fit(model, train, Path(root), Path(generated), hashed, context, directory,
-                        Path(train.out), Path(live_dir), weights, decoded, max_pixels)
-        with resume.locked(directory, hashed):
-            log.info("training state: %s", directory)
-            return _fit(model, train, Path(root), Path(generated), hashed, context, directory,
-                        Path(train.out), Path(live_dir), weights, decoded, max_pixels)
+        with training_mode(context.device, train.precision):
+            if not context.is_main:
+                return _fit(model, train, Path(root), Path(generated), hashed, context,
+                            directory, Path(train.out), live, weights, decoded, max_pixels)
+            with resume.locked(directory, hashed):
+                log.info("training state: %s", directory)
+                return _fit(model, train, Path(root), Path(generated), hashed, context,
+                            directory, Path(train.out), live, weights, decoded, max_pixels)
     finally:
         teardown(context)
 
@@ -236,13 +238,14 @@ def _sync_batchnorm(model: torch.nn.Module, enabled: bool, context: Context) -> 
 
 def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
          hashed: Mapping[str, Any], context: Context, directory: Path | None, out: Path,
-         live_dir: Path, class_weights: list[float] | None, decoded: str | Path | None,
-         max_pixels: int) -> dict[str, Any]:
+         live_dir: Path | None, class_weights: list[float] | None,
+         decoded: str | Path | None, max_pixels: int) -> dict[str, Any]:
     device = context.device
-    configure_determinism(device)
+    compute = flags(device, t.precision)
     if device.type == "cpu" and t.precision != "fp32":
         log.info("train.precision %s applies on CUDA only: training on CPU in fp32",
                  t.precision)
+    log.info("compute: %s", ", ".join(f"{k} {v}" for k, v in compute.items()))
     train_loader, val_loader = make_loaders(root, generated, t, context, decoded, max_pixels)
     trains_on_val = "val" in t.splits
     if trains_on_val:
@@ -256,7 +259,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     per_epoch, total_steps, epochs = schedule(t, len(train_loader))
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.precision == "fp16")
+    scaler = grad_scaler(device, t.precision)
     criterion = build_criterion(class_weights, device)
 
     state, finished_in_out = resume.resume_point(directory, out, hashed, epochs)
@@ -266,12 +269,12 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state["scaler"])
         start_epoch, best_miou, best_epoch = (state["epoch"], state["best_miou"],
                                               state["best_epoch"])
         stopped = state.get("stop_reason", "")
         history = list(state["history"])
-        ckpt.set_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)])
+        ckpt.set_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)], device)
     else:
         seed_everything(t.seed + context.rank)  # per-rank streams (dropout, if any)
 
@@ -279,7 +282,11 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     if context.distributed:
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
-    live = LiveLog(live_dir, history, t.monitor_system) if context.is_main else None
+    if t.compile:  # the training model only: validation runs the eager `model`
+        log.info("train.compile: compiling the training model (the first step takes longer)")
+        net = torch.compile(net)
+    live = (LiveLog(live_dir, history, t.monitor_system, compute)
+            if context.is_main and live_dir is not None else None)
     if stopped or start_epoch >= epochs:
         log.info("%s: nothing to do", stopped or f"all {epochs} epochs already trained")
         start_epoch = epochs
@@ -300,7 +307,8 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
             train_loader.sampler.set_epoch(epoch)
             trained = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, scaler,
                                       context, t.precision, epoch, accumulate=t.accumulate,
-                                      max_steps=total_steps - scheduler.last_epoch)
+                                      max_steps=total_steps - scheduler.last_epoch,
+                                      check_every=t.log_every)
             broadcast_buffers(model, context)
             validating = time.perf_counter()
             val_scores: dict[str, float] = {}
@@ -340,7 +348,8 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                 if improved:
                     ckpt.save(directory / ckpt.BEST, ckpt.best_subset(state))
                 ckpt.save(directory / ckpt.LAST, state)
-                live.log(record)
+                if live is not None:
+                    live.log(record)
             else:
                 gather_rng_states(context)
             _log_epoch(record, epochs, time.perf_counter() - started)
@@ -351,8 +360,9 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
         if live is not None:
             live.abort()  # its monitor thread must not keep a failed run's process alive
         raise
-    if live is not None:
-        live.close()
+    if context.is_main:
+        if live is not None:
+            live.close()
         if directory is not None:  # last: killed before this, a rerun resumes and publishes
             resume.publish(directory, out)
         log.info("best val mIoU %.4f after epoch %d; checkpoints in %s", best_miou,
@@ -371,8 +381,9 @@ def timings(trained: PassResult, val_s: float, context: Context) -> dict[str, fl
 
 
 def gather_rng_states(context: Context) -> list[dict[str, Any]]:
-    """Every rank's RNG states (rank order) on rank 0; an empty list on the others."""
-    state = ckpt.rng_state()
+    """Every rank's RNG states (rank order, each with its own GPU's) on rank 0; an empty
+    list on the others."""
+    state = ckpt.rng_state(context.device)
     if not context.distributed:
         return [state]
     gathered: list[Any] = [None] * context.world_size if context.is_main else []

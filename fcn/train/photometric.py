@@ -56,26 +56,49 @@ OPERATIONS = (brightness, contrast, saturation, hue)
 """In the order of the jitter vector's ids (torchvision's ColorJitter fn_idx)."""
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied asynchronously (pinned first) for CUDA."""
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """`images` float[B, 3, H, W] in [0, 1] jittered per sample; `params` float[B, 8] as
-    `augment.draw` makes them (order, then factors). Samples that share a step at the same
-    position of their order are processed together."""
-    order = params[:, :4].long().tolist()  # small: the groups are formed on the host
-    factors = params[:, 4:].to(images.device, images.dtype)
-    out = images.clone()
+    `augment.draw` makes them (order, then factors), on the host (as the loader yields them).
+    Samples that share a step at the same position of their order are processed together.
+
+    The groups are formed on the host from `params`, and everything the device needs (the
+    factors, and the rows of every group in one index tensor) goes there in two asynchronous
+    copies per batch: nothing here waits for the device.
+    """
+    if params.device.type != "cpu":
+        raise ValueError("photometric parameters must be on the host (the loader's batch): "
+                         "their grouping is decided there")
+    order = params[:, :4].long().tolist()
+    groups: list[tuple[int, slice | None]] = []  # (operation, rows in `index`; None: all)
+    rows_all: list[int] = []
     for position in range(4):
-        for op_id, operation in enumerate(OPERATIONS):
+        for op_id in range(len(OPERATIONS)):
             rows = [i for i, o in enumerate(order) if o[position] == op_id]
             if not rows:
                 continue
             if len(rows) == len(order):
-                out = operation(out, factors[:, op_id])
+                groups.append((op_id, None))
                 continue
-            index = torch.tensor(rows, device=images.device)
-            out[index] = operation(out[index], factors[index, op_id])
+            groups.append((op_id, slice(len(rows_all), len(rows_all) + len(rows))))
+            rows_all += rows
+    device = images.device
+    factors = _to(params, device)[:, 4:].to(images.dtype)
+    index = _to(torch.tensor(rows_all, dtype=torch.int64), device) if rows_all else None
+    out = images.clone()
+    for op_id, span in groups:
+        operation = OPERATIONS[op_id]
+        if span is None:
+            out = operation(out, factors[:, op_id])
+            continue
+        rows = index[span]
+        out[rows] = operation(out[rows], factors[rows, op_id])
     return out
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images → float32 in [0, 1] (on whatever device they are); floats pass through."""
-    return images.float().div_(255) if images.dtype == torch.uint8 else images

@@ -2,8 +2,9 @@
 #   make repro   – create/reuse .venv, install the project, run the whole DVC pipeline
 #   make test    – create/reuse .venv, install the project with test extras, run the tests
 #   make docs    – regenerate the docs' figures and parameter reference from committed files
-#   make gpu-check – prove the CUDA paths on a GPU (≤ 8 min), or their dry mode without one;
-#                  summary table on stdout, every figure in gpu_check.json (docs/gpu-check.md)
+#   make gpu-check – prove the CUDA paths on a GPU (both profiles, ≤ 2 x 4 min), or their dry
+#                  run without one; table on stdout, every figure in gpu_check.json
+#   make gpu-wheels – the wheels a lent GPU machine lacks, into .whl/ (docs/gpu-check.md)
 # VENV=/path reuses a virtual environment elsewhere.
 
 VENV ?= .venv
@@ -12,7 +13,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
 
-.PHONY: install repro test docs gpu-check clean browser
+.PHONY: install repro test docs gpu-check gpu-wheels clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,7 +43,10 @@ docs: install
 	$(PY) docs/generate.py
 
 gpu-check: install
-	$(PY) benchmarks/gpu_check.py --out gpu_check.json
+	$(PY) -m fcn.gpucheck --profile all --out gpu_check.json
+
+gpu-wheels: install
+	$(PY) -m fcn.gpucheck.wheels --dest .whl
 
 clean:
 	rm -rf dvc_plots .pytest_cache

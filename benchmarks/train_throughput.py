@@ -4,7 +4,7 @@ matmul can do, all in one run.
 
     .venv/bin/python benchmarks/train_throughput.py [--crop 128 128] [--batch 8]
         [--backbone vgg11_bn] [--iters 5] [--rounds 3] [--device auto] [--precision fp32]
-        [--no-compile] [--smoke]
+        [--no-compile] [--smoke] [--out docs/measured/train_throughput.json]
 
 Each variant times the training step on the same random uint8 crops with jitter parameters
 (the loader's batches: conversion, photometric jitter, forward, cross-entropy, backward,
@@ -27,15 +27,19 @@ tiny size that CI runs so the script cannot rot.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fcn.atomic import write_json
 from fcn.backends import training_mode
 from fcn.benchmark.capability import matmul_rate
 from fcn.benchmark.plan import MATMUL_N
@@ -165,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the compiled variant (its compile takes ~30 s here)")
+    parser.add_argument("--out", type=Path,
+                        help="also write the figures as JSON (docs/measured/, which the docs' "
+                             "generated tables read)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny run that checks the script works (CI): 64x64, batch 2, "
                              "1 iteration, 1 round")
@@ -228,6 +235,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "compiled" in best:
         print(f"compiled / eager  {best['after'] / best['compiled']:.3f}x the throughput "
               f"(compile and warm-up {first['compiled']:.1f} s)")
+    if args.out is not None:
+        write_json(args.out, {
+            "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+            "device": label, "cpu": platform.processor() or platform.machine(),
+            "backbone": args.backbone, "precision": args.precision, "batch": args.batch,
+            "crop": [height, width], "iters": args.iters, "rounds": args.rounds,
+            "flops_per_step": flops, "matmul_gflops": peak,
+            "variants": {name: {"ms_per_step": best[name] * 1e3,
+                                "ms_per_step_median": statistics.median(seconds[name]) * 1e3,
+                                "images_per_s": args.batch / best[name],
+                                "warmup_s": first[name]} for name in names},
+            "after_over_before": best["before"] / best["after"],
+            "compiled_over_eager": (best["after"] / best["compiled"] if "compiled" in best
+                                    else None)})
 
 
 if __name__ == "__main__":

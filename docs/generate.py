@@ -280,10 +280,59 @@ def cityscapes_costs() -> str:
 
 
 
+def train_throughput() -> str:
+    """benchmarks/train_throughput.py's figures: the step before and after its host reads were
+    removed, and compiled, from one run."""
+    m = _measured("train_throughput.json")
+    height, width = m["crop"]
+    lines = [f"`{m['command']}` on {m['device']}: FCN8s/{m['backbone']} {m['precision']}, "
+             f"batch {m['batch']}, crop {height}×{width}, jitter on, "
+             f"{m['flops_per_step'] / 1e9:.1f} GFLOP per step; fp32 matmul "
+             f"{m['matmul_gflops']:.0f} GFLOP/s in the same run.", "",
+             "| training step | ms per step (best of rounds) | images/s | first steps (s) |",
+             "|---|---:|---:|---:|"]
+    labels = {"before": "before: the host read the loss, the confusion matrix and the jitter "
+                        "groups every step",
+              "after": "after: `TrainStep`, nothing read back",
+              "compiled": "`train.compile`: `TrainStep` over `torch.compile(model)`"}
+    for name, v in m["variants"].items():
+        lines.append(f"| {labels[name]} | {v['ms_per_step']:.1f} | {v['images_per_s']:.2f} | "
+                     f"{v['warmup_s']:.1f} |")
+    lines += ["", f"After / before: {m['after_over_before']:.3f}× the throughput"
+              + ("" if m["compiled_over_eager"] is None else
+                 f"; compiled / eager: {m['compiled_over_eager']:.3f}×") + "."]
+    return "\n".join(lines)
+
+
+def gpu_check_estimate() -> str:
+    """Each GPU-check profile's estimated seconds per step on one H100 (fcn.gpucheck.profiles,
+    with the dry run's default host cost): code constants and sizes, no measurement."""
+    from fcn.gpucheck import profiles
+    from fcn.gpucheck.__main__ import DEFAULT_HOST_S_PER_MEGAPIXEL
+
+    lines = ["| profile | estimated seconds | budget | largest steps (s) |",
+             "|---|---:|---:|---|"]
+    for name in ("loan", "benchmark"):
+        steps = profiles.estimate(name, profiles.cuda_sizes(), DEFAULT_HOST_S_PER_MEGAPIXEL, 1)
+        top = sorted(steps.items(), key=lambda kv: -kv[1])[:5]
+        lines.append(f"| {name} | {sum(steps.values()):.0f} | {profiles.BUDGET_S[name]:.0f} | "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in top) + " |")
+    assumed = profiles.ASSUMED
+    lines += ["", "Assumed: sustained " + ", ".join(
+        f"{k} {v:.0f}" for k, v in assumed["tflops"].items()) + " TFLOP/s; a CUDA process "
+        f"start {assumed['process_start_s']:.0f} s; a training compile "
+        f"{assumed['compile_train_s']:.0f} s, an inference compile "
+        f"{assumed['compile_infer_s']:.0f} s; cuDNN autotuning {assumed['autotune_s']:.0f} s per "
+        f"shape; host work over {assumed['cuda_cores']} cores at "
+        f"{DEFAULT_HOST_S_PER_MEGAPIXEL} s per megapixel on one core."]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "default-run": default_run, "benchmark-headline": benchmark_headline,
     "deploy-result": deploy_result, "inference-modes": inference_modes,
     "loader-throughput": loader_throughput, "cityscapes-costs": cityscapes_costs,
+    "gpu-check-estimate": gpu_check_estimate, "train-throughput": train_throughput,
 }
 
 

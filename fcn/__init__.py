@@ -12,7 +12,10 @@ calls one function here, which writes the stage's outputs):
     deploy        stage `deploy`: ONNX export checked against PyTorch with onnxruntime
     metrics       mIoU / Dice / accuracy from confusion matrices (training curves)
     synthetic     a synthetic dataset in the exact Cityscapes layout (the default data)
-    device        the device and precision parameters → torch device, dtype, autocast
+    device        the device and precision parameters → torch device, dtype, autocast,
+                  gradient scaler, the uint8 → input conversion; every torch.cuda call
+    backends      TF32, deterministic algorithms, cuDNN autotuning: set as contexts that
+                  restore them, and recorded (`compute.*` in the metrics)
     images        reading and writing image files, with one-line errors naming the file
     png           the fast PNG codec for label masks
     atomic        atomic file and folder output (temporary + rename)
@@ -54,4 +57,6 @@ calls one function here, which writes the stage's outputs):
         run         every configuration, assembled; the fast path
         flops       analytic and counted FLOPs
         report      headline metrics, details JSON, CSV, figure, Markdown table
+    gpucheck/     `python -m fcn.gpucheck`: the CUDA paths proven in a short GPU loan, and its
+                  dry run (recording torch.cuda fakes) everywhere else; see its __init__
 """

@@ -230,6 +230,15 @@ def test_the_predictor_runs_fp32_strict_and_tf32_only_when_asked(precision, expe
     assert model.seen == [expected] and tf32_enabled() == before
 
 
+def test_the_predictor_says_how_it_computes_on_cuda():
+    with FakeCuda():
+        flags_ = Predictor(_Recorder(), torch.device("cuda", 0), "fp16").flags()
+    assert flags_ == {"device": "cuda", "precision": "fp16", "autocast": "float16",
+                      "tf32_matmul": False, "tf32_cudnn": False,
+                      "deterministic": torch.are_deterministic_algorithms_enabled(),
+                      "cudnn_benchmark": True}
+
+
 def test_flags_say_what_a_run_computes_with():
     with FakeCuda(), training_mode(torch.device("cuda", 0), "tf32"):
         assert flags(torch.device("cuda", 0), "tf32") == {
@@ -371,3 +380,99 @@ def test_to_model_input_is_the_old_conversions():
     channels_last = to_model_input(images, channels_last=True)
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(channels_last, expected)
+
+
+# --- CUDA branches of the process group and of onnxruntime in the benchmark -----------------
+
+def test_a_cuda_process_group_sets_its_gpu_and_refuses_more_processes_than_gpus(monkeypatch):
+    from fcn.errors import FcnError
+    from fcn.train import distributed
+
+    backends = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", backends.append)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_die_with_parent", lambda *args: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with FakeCuda(devices=2) as cuda:
+        context = distributed.setup("auto")
+        assert context.device == torch.device("cuda", 1) and backends == ["nccl"]
+        assert [args for args, _ in cuda.called("set_device")] == [(torch.device("cuda", 1),)]
+    with FakeCuda(devices=1):
+        with pytest.raises(FcnError, match="train.nproc 2 exceeds the 1 CUDA device"):
+            distributed.setup("cuda")
+
+
+class _FakeBinding:
+    def __init__(self) -> None:
+        self.inputs: list[dict] = []
+        self.outputs: list[tuple] = []
+
+    def bind_input(self, name, device_type, device_id, element_type, shape, buffer_ptr):
+        assert isinstance(name, str) and device_type in ("cuda", "cpu")
+        assert type(device_id) is int and type(buffer_ptr) is int and buffer_ptr != 0
+        assert isinstance(shape, tuple) and all(type(n) is int for n in shape)
+        assert element_type is np.float32
+        self.inputs.append({"name": name, "device": device_type, "id": device_id,
+                            "shape": shape})
+
+    def bind_output(self, name, device_type="cpu", device_id=0):
+        assert type(device_id) is int
+        self.outputs.append((name, device_type, device_id))
+
+    def copy_outputs_to_cpu(self):
+        return [np.zeros((1, 19, 4, 8), np.float32)]
+
+
+class _FakeSession:
+    def __init__(self, providers: list[str]) -> None:
+        self.providers, self.binding, self.runs = providers, _FakeBinding(), 0
+
+    def get_providers(self) -> list[str]:
+        return self.providers
+
+    def io_binding(self) -> _FakeBinding:
+        return self.binding
+
+    def run_with_iobinding(self, binding: _FakeBinding) -> None:
+        self.runs += 1
+
+
+def _ort_job():
+    from fcn.benchmark.plan import Config, Protocol
+    from fcn.benchmark.worker import Job
+    from fcn.params import ModelParams
+
+    protocol = Protocol("quick", "cuda", 4, 8, 1, 2, 0, True, 1, 64, (4, 8), (4, 8))
+    return Job((Config("fp32", False, False, 1, runtime="onnxruntime"),), protocol,
+               ModelParams(), "state.pt", "images.npy", "model.onnx")
+
+
+def test_onnxruntime_on_cuda_is_timed_with_its_data_on_the_gpu_and_its_provider_checked(
+        monkeypatch):
+    from fcn import deploy
+    from fcn.benchmark import worker
+
+    sessions = []
+
+    def session(path, threads=0, cuda=False):
+        sessions.append(_FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"]))
+        return sessions[-1]
+
+    monkeypatch.setattr(deploy, "session", session)
+    with FakeCuda():
+        x = torch.rand(1, 3, 4, 8, device=torch.device("cuda", 0))
+        call, classes, timer = worker._onnxruntime(_ort_job(), x)
+        out = call()
+        assert timer == "host clock" and classes(out).shape == (4, 8)
+    binding = sessions[0].binding
+    assert binding.inputs == [{"name": deploy.INPUT, "device": "cuda", "id": 0,
+                               "shape": (1, 3, 4, 8)}]
+    assert binding.outputs == [(deploy.OUTPUT, "cuda", 0)] and sessions[0].runs == 1
+
+    monkeypatch.setattr(deploy, "session", lambda *a, **k: _FakeSession(["CPUExecutionProvider"]))
+    with FakeCuda(), pytest.raises(RuntimeError, match="CPUExecutionProvider, not CUDA"):
+        worker._onnxruntime(_ort_job(), torch.rand(1, 3, 4, 8,
+                                                   device=torch.device("cuda", 0)))

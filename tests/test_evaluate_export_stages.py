@@ -126,6 +126,9 @@ def test_exported_val_predictions_score_the_same_in_the_official_evaluator_and_o
     assert_report_agrees(tmp_path, official)
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert metrics["images"] == len(data.val_labels)
+    assert metrics["compute"] == {  # how the model computed: recorded beside the scores
+        "device": "cpu", "precision": "fp16", "autocast": "none", "tf32_matmul": False,
+        "tf32_cudnn": False, "deterministic": False, "cudnn_benchmark": False}
     for key in ("mean_dice", "mean_pixel_accuracy", "pixel_accuracy"):
         assert 0 < metrics[key] < 1
     plots = tmp_path / "plots" / "evaluate"

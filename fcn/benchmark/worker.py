@@ -271,7 +271,8 @@ def _onnxruntime(job: Job, x: torch.Tensor
     onnxruntime-gpu), else the configuration fails saying which provider would have run."""
     from fcn.deploy import INPUT, OUTPUT, session
 
-    cuda = x.device.type == "cuda"
+    device = torch.device(job.protocol.device)
+    cuda = device.type == "cuda"
     sess = session(job.onnx_path, job.protocol.threads, cuda=cuda)
     wanted = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     used = sess.get_providers()
@@ -284,7 +285,7 @@ def _onnxruntime(job: Job, x: torch.Tensor
                 lambda out: np.asarray(out)[0].argmax(0).astype(np.uint8), "host clock")
     x = x.contiguous()
     binding = sess.io_binding()
-    index = indexed(x.device).index
+    index = indexed(device).index
     binding.bind_input(name=INPUT, device_type="cuda", device_id=int(index),
                        element_type=np.float32, shape=tuple(int(n) for n in x.shape),
                        buffer_ptr=int(x.data_ptr()))

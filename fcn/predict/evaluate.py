@@ -67,12 +67,14 @@ def evaluate_stage(root: str | Path, generated: str | Path, model: ModelParams,
     the label-id PNGs under that folder instead) and write the report to `paths`. Every file
     read (image, ground truth, prediction) is refused above `max_pixels` before decoding."""
     truth_root = Path(generated if params.ground_truth == "generated" else root)
+    compute = None
     if predictions is not None:
         scores, panels = evaluate_exported(predictions, root, truth_root, params, max_pixels)
     else:
         predictor = Predictor.from_params(checkpoint, model, params)
         scores, panels = evaluate_model(predictor, root, truth_root, params, max_pixels)
-    write_report(scores, panels, paths)
+        compute = predictor.flags()
+    write_report(scores, panels, paths, compute)
     return scores
 
 
@@ -189,11 +191,14 @@ def _markdown(scores: CityscapesScores) -> str:
 
 
 def write_report(scores: CityscapesScores, panels: dict[str, np.ndarray],
-                 paths: ReportPaths) -> None:
-    """Metrics JSON (means; null = not defined), class/category tables, plot data and images."""
+                 paths: ReportPaths, compute: dict[str, object] | None = None) -> None:
+    """Metrics JSON (means; null = not defined; `compute`: how the predictions were computed,
+    `fcn.backends.flags`), class/category tables, plot data and images."""
     rows = class_rows(scores)
-    metrics = {key: _number(value) for key, value in scores.means().items()}
+    metrics: dict[str, object] = {key: _number(value) for key, value in scores.means().items()}
     metrics["images"] = scores.images
+    if compute is not None:
+        metrics["compute"] = dict(compute)
     write_json(paths.metrics, metrics)
     write_text(paths.classes_csv, _csv(rows))
     write_text(paths.classes_md, _markdown(scores))

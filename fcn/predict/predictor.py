@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn.backends import inference_mode
+from fcn.backends import flags, inference_mode
 from fcn.checkpoint import load_model
 from fcn.device import autocast, autocast_dtype, empty_cache, resolve_device, to_model_input
 from fcn.params import InferenceParams, ModelParams
@@ -112,6 +112,11 @@ class Predictor:
         return cls(net, device, inference.precision, inference.channels_last,
                    inference.flip_tta, inference.mode, inference.window, inference.stride,
                    inference.scales)
+
+    def flags(self) -> dict[str, object]:
+        """What this predictor computes with (`fcn.backends.flags` inside its mode)."""
+        with inference_mode(self.device, self.precision):
+            return flags(self.device, self.precision)
 
     def _logits(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         with autocast(self.device, self.precision):

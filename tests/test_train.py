@@ -23,6 +23,7 @@ from fcn.train.loop import (NonFiniteLossError, _progress, build_criterion, buil
                              build_scheduler, train_one_epoch, validate)
 from fcn.metrics import summary
 from fcn.model import FCN8s
+from fcn.device import grad_scaler
 from fcn.params import Params, TrainParams, parse_params, sections_dict
 from fcn.train.fit import fit
 
@@ -225,7 +226,7 @@ def test_a_few_images_overfit_to_miou_above_0_9(tiny_dataset, masks):
     optimizer = build_optimizer(model, params)
     scheduler = build_scheduler(optimizer, params, params.epochs * len(loader))
     criterion = build_criterion(params.class_weights, CPU.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    scaler = grad_scaler(CPU.device, "fp32")
     for epoch in range(params.epochs):
         train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, CPU, "fp32",
                         epoch)
@@ -256,3 +257,48 @@ def test_batch_bars_obey_tqdm_disable():
                           cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[True, True]"
+
+
+@pytest.mark.slow
+def test_compiled_training_trains_like_eager(tiny_dataset, masks, tmp_path, caplog):
+    """train.compile: the training model compiled (validation eager); the same run's losses
+    within float rounding of eager's, and a log line saying so."""
+    records = {}
+    for compiled in (False, True):
+        params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / str(compiled),
+                                          epochs=1, compile=compiled))
+        with caplog.at_level("INFO", "fcn"):
+            records[compiled] = fit(params.model, params.train, params.data.root,
+                                    params.data.generated, None,
+                                    identity=sections_dict(params, "data", "synthesize"))
+    assert "train.compile: compiling the training model" in caplog.text
+    assert records[True]["train/loss"] == pytest.approx(records[False]["train/loss"], rel=1e-3)
+    assert records[True]["val/miou"] == pytest.approx(records[False]["val/miou"], abs=0.02)
+
+
+def test_a_nan_is_caught_at_the_next_interval_naming_its_iteration(tiny_dataset, masks,
+                                                                   monkeypatch):
+    """The host reads the finiteness flag every `check_every` passes: a NaN at pass 2 stops
+    the epoch at pass 3 (check_every 3) with pass 2 named, before the epoch's end."""
+    from fcn.train import loop
+
+    train = SegmentationDataset(tiny_dataset, masks, "train",
+                                Recipe.of([64, 64], [1.0, 1.0], False, 0.0))
+    loader = DataLoader(train, batch_size=1, sampler=SeededSampler(train, seed=0))
+    model = FCN8s("vgg11_bn")
+    params = TrainParams()
+    optimizer = build_optimizer(model, params)
+    scheduler = build_scheduler(optimizer, params, 100)
+    forward, seen = FCN8s.forward, []
+
+    def poisoned(self, x):
+        seen.append(1)
+        out = forward(self, x)
+        return out * math.nan if len(seen) == 2 else out
+
+    monkeypatch.setattr(FCN8s, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, iteration 2 "):
+        loop.train_one_epoch(model, loader, build_criterion(None, CPU.device), optimizer,
+                             scheduler, grad_scaler(CPU.device, "fp32"), CPU, "fp32", 0,
+                             check_every=3)
+    assert len(seen) == 3 and len(loader) == 6  # stopped at the check, not the epoch's end

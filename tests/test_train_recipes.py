@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fcn import checkpoint as ckpt
 from fcn.cityscapes.labels import CLASS_NAMES
+from fcn.device import grad_scaler
 from fcn.errors import FcnError, ParamsError
 from fcn.model import FCN8s
 from fcn.params import Params, TrainParams, parse_params, sections_dict
@@ -63,7 +64,7 @@ def _train(batch_size: int, accumulate: int) -> tuple[nn.Module, list[float]]:
     lrs = []
     for epoch in range(2):
         train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler,
-                        torch.amp.GradScaler("cuda", enabled=False), CPU, "fp32", epoch,
+                        grad_scaler(CPU.device, "fp32"), CPU, "fp32", epoch,
                         accumulate=accumulate)
         lrs.append(scheduler.get_last_lr()[0])
     return model, lrs

@@ -88,7 +88,7 @@ def dry_sizes() -> Sizes:
                             quick_warmup=1, quick_iters=2, quick_compile=[False])
     return Sizes(small=small, large=large, overfit=overfit, steps_batch=2, steps_crop=(32, 64),
                  steps=8, window_batch=2, window_crop=(32, 64), window_steps=3,
-                 compile_batch=2, compile_crop=(32, 64), compile_steps=2,
+                 compile_batch=2, compile_crop=(64, 64), compile_steps=2,
                  overfit_max_steps=150, resume_epochs=2, resume_batch=2, resume_crop=(64, 64),
                  loader_epochs=2, loader_crop=(32, 64), loader_batch=2, loader_workers=2,
                  slide_window=(32, 64), slide_stride=(21, 42), benchmark=bench, data_workers=1)
@@ -137,9 +137,7 @@ LOAN: tuple[Step, ...] = (
     Step("compile", "train.compile: the same bf16 steps under torch.compile and eager at the "
          "recipe's crop: compile time, step time of each, losses finite",
          train.step_compile, (150, 300), proves="train.compile (inductor) training",
-         requires=("data",), dry="skip",
-         dry_reason="compiling on 2 CPU cores takes minutes: CI compiles through "
-                    "tests (train.compile) and benchmarks/train_throughput.py --smoke"),
+         requires=("data",)),
     Step("overfit", "two images (dry: one), whole, no augmentation, bf16 on CUDA: val mIoU >= "
          f"{train.OVERFIT_MIOU} within the step budget; saved as the check's trained checkpoint",
          train.step_overfit, (45, 180), proves="bf16 training to convergence",

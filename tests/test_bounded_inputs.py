@@ -28,7 +28,6 @@ from PIL import Image
 
 from fcn.cityscapes import annotations
 from fcn.cityscapes.annotations import read_annotation
-from fcn.cityscapes.layout import mask_path
 from fcn.errors import DataError, ParamsError
 from fcn.images import MAX_PIXELS, read_labels, read_rgb, read_size, read_tensor
 from fcn.masks.generate import generate

@@ -32,11 +32,8 @@ CPU = Context(0, 1, torch.device("cpu"))
 
 
 def run_fit(params: Params, live: Path, **kwargs) -> dict:
-    try:
-        return fit(params.model, params.train, params.data.root, params.data.generated, live,
-                   identity=sections_dict(params, "data", "synthesize"), **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    return fit(params.model, params.train, params.data.root, params.data.generated, live,
+               identity=sections_dict(params, "data", "synthesize"), **kwargs)
 
 
 # --- gradient accumulation ----------------------------------------------------------------

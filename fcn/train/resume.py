@@ -17,7 +17,6 @@ One process trains a given hash at a time: the state folder is locked while a ru
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -321,3 +321,30 @@ def test_the_wheels_are_downloaded_for_the_lent_machines_python(tmp_path):
         p.split("==")[0] + "==" for p in command if "==" in p}
     assert "--no-index" in wheels.install_line() and "--target /tmp/site" in wheels.install_line()
     assert not {wheels.normalise(w) for w in wheels.WHEELS} & wheels.DEVICE_PACKAGES
+
+
+def test_an_overrunning_benchmark_worker_is_killed_not_waited_for(tmp_path):
+    """A step stopped at its allowance while a benchmark worker process runs (a compile, say)
+    kills that worker instead of waiting for it."""
+    import numpy as np
+    import psutil
+
+    from fcn.benchmark.plan import Config, Protocol
+    from fcn.benchmark.worker import Job, run_isolated
+    from fcn.model import FCN8s
+    from fcn.params import ModelParams
+
+    torch.save(FCN8s("vgg11_bn").state_dict(), tmp_path / "state.pt")
+    np.save(tmp_path / "images.npy", np.zeros((1, 32, 32, 3), np.uint8))
+    protocol = Protocol("quick", "cpu", 32, 32, 1, 10**7, 0, False, 1, 64, (32, 32), (32, 32))
+    job = Job((Config("fp32", False, False, 1),), protocol, ModelParams(),
+              str(tmp_path / "state.pt"), str(tmp_path / "images.npy"))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    start = time.perf_counter()
+    result = runner.run_step(Step("bench", "", lambda c: run_isolated(job), (8, 8)),
+                             _check(tmp_path))
+    assert result.status == "overran" and time.perf_counter() - start < 25
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            and "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's own
+    assert not left, left

@@ -303,10 +303,17 @@ def _onnxruntime(job: Job, x: torch.Tensor
 
 def run_isolated(job: Job) -> list[dict[str, Any]]:
     """`measure(job)` in a fresh spawned process; a dead worker is re-raised as RuntimeError
-    naming what happened."""
+    naming what happened, and an interrupted wait kills the worker (a compile would otherwise
+    hold the caller until it finished)."""
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        try:
-            return pool.submit(measure, job).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise RuntimeError("the worker process died (out of memory?)") from None
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context)
+    try:
+        return pool.submit(measure, job).result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise RuntimeError("the worker process died (out of memory?)") from None
+    except BaseException:  # interrupted (Ctrl-C, the GPU check's allowance): stop it now
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from fcn.benchmark.run import MIN_AGREEMENT, fastest_config, run_benchmark
-from fcn.gpucheck.runner import Check, Outcome, Skip
+from fcn.gpucheck.runner import Check, Outcome, Skip, StepOverran
 from fcn.params import BenchmarkParams, ModelParams
 
 GOAL_LATENCY_MS, GOAL_STRETCH_MS, GOAL_MEMORY_BYTES = 3.0, 1.5, 0.6e9
@@ -49,9 +49,17 @@ def step_benchmark(check: Check) -> Outcome:
     params: BenchmarkParams = dataclasses.replace(check.sizes.benchmark, weights=weights)
     start = time.perf_counter()
     device = "cuda" if check.real_gpu else "cpu"
-    results = merge([run_benchmark(dataclasses.replace(run, device=device), ModelParams(),
-                                   progress=False, processes="shared")
-                     for run in benchmark_runs(params)])
+    runs, overran = [], ""
+    for run in benchmark_runs(params):
+        try:
+            runs.append(run_benchmark(dataclasses.replace(run, device=device), ModelParams(),
+                                      progress=False, processes="shared"))
+        except StepOverran:  # keep what was measured: the eager run's figures
+            if not runs:
+                raise
+            overran = f"the run of {run.precisions} compiled overran the step's allowance"
+            break
+    results = merge(runs)
     figures: dict[str, Any] = {"weights": weights, "seconds": time.perf_counter() - start}
     if check.fakes is not None:  # the CUDA branch of the worker, measured in this process
         faked = run_benchmark(dataclasses.replace(params, device="cuda"), ModelParams(),
@@ -71,15 +79,15 @@ def step_benchmark(check: Check) -> Outcome:
     failed.update({f"{k} (fakes)": v for k, v in failed_fake.items()})
     measured = sum(e["status"] == "ok" for e in configs)
     fast = results["fast_path"]
-    passed = not failed and fast is not None
-    figures.update(measured=measured, failed=failed, fast_path=fast,
+    passed = not failed and fast is not None and not overran
+    figures.update(measured=measured, failed=failed, fast_path=fast, overran=overran,
                    fast_path_eager=results["fast_path_eager"],
                    skipped={e["name"]: e["reason"] for e in configs if e["status"] != "ok"},
                    results=results)
     protocol = results["protocol"]
     head = (f"{measured} configurations at {protocol['height']}x{protocol['width']}; fast path "
             + (f"{fast['name']} {fast['latency_ms_median']:.2f} ms" if fast else "none"))
-    return Outcome(passed, figures, head, "" if passed else (
+    return Outcome(passed, figures, head, "" if passed else overran or (
         f"configurations failed: {failed}" if failed else "no configuration agrees with fp32"))
 
 

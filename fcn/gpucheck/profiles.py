@@ -2,7 +2,8 @@
 
 - `loan`: every CUDA path one GPU can run, at small sizes where size does not matter and at
   the Cityscapes recipe where it does (the loader's data-wait fraction, the sync-free window,
-  compile against eager): ≤ 4 minutes on one H100 with 16 cores.
+  compile against eager): ≤ 4 minutes on one H100 with 16 cores. The costliest and least
+  essential step (compile) comes last, so a short budget cuts it first.
 - `benchmark`: the inference configurations that decide the latency and memory goals
   (batch 1, channels-last, eager in every precision, compiled in bf16/fp16, slide mode),
   eager ones in one worker process, short warm-ups, the matmul rate probed once per
@@ -134,10 +135,6 @@ LOAN: tuple[Step, ...] = (
          "'warn' (counted); dry: the same steps on the meta device, where any host read "
          "raises", train.step_sync_free, (30, 60),
          proves="training steps that never wait for the GPU", requires=("data",), dry="meta"),
-    Step("compile", "train.compile: the same bf16 steps under torch.compile and eager at the "
-         "recipe's crop: compile time, step time of each, losses finite",
-         train.step_compile, (150, 300), proves="train.compile (inductor) training",
-         requires=("data",)),
     Step("overfit", "two images (dry: one), whole, no augmentation, bf16 on CUDA: val mIoU >= "
          f"{train.OVERFIT_MIOU} within the step budget; saved as the check's trained checkpoint",
          train.step_overfit, (45, 180), proves="bf16 training to convergence",
@@ -184,6 +181,10 @@ LOAN: tuple[Step, ...] = (
          f"fcn.device.memory_cap, {AGREE}; dry: the cap under the fakes, the error injected)",
          predict.step_oom, (20, 60), proves="a real CUDA out-of-memory error, handled",
          requires=("overfit",), dry="fakes"),
+    Step("compile", "train.compile: the same bf16 steps under torch.compile and eager at the "
+         "recipe's crop: compile time, step time of each, losses finite",
+         train.step_compile, (150, 300), proves="train.compile (inductor) training",
+         requires=("data",)),
     Step("onnx", "fcn.deploy export of the trained checkpoint, onnxruntime CPU provider: "
          "argmax agreement with PyTorch fp32 >= deploy.min_agreement", deploy.step_onnx,
          (60, 180), requires=("overfit",), cuda=False),

@@ -25,6 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from fcn import checkpoint as ckpt
+from fcn.backends import training_mode
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.device import grad_scaler, peak_memory, reset_peak, sync_debug, synchronize
 from fcn.gpucheck.data import data, decoded
@@ -123,16 +124,17 @@ def step_precision(check: Check, precision: str) -> Outcome:
     scales: list[float] = []
     initial_scale = float(scaler.get_scale()) if scaler.is_enabled() else None
     reset_peak(check.device)
-    for step in range(s.steps):
-        synchronize(check.device)
-        start = time.perf_counter()
-        result = train_one_epoch(model, [batch], criterion, optimizer, scheduler, scaler,
-                                 context(check), precision, step)
-        synchronize(check.device)
-        seconds.append(time.perf_counter() - start)
-        losses.append(result.loss)
-        if scaler.is_enabled():
-            scales.append(float(scaler.get_scale()))
+    with training_mode(check.device, precision):  # as fit() trains
+        for step in range(s.steps):
+            synchronize(check.device)
+            start = time.perf_counter()
+            result = train_one_epoch(model, [batch], criterion, optimizer, scheduler, scaler,
+                                     context(check), precision, step)
+            synchronize(check.device)
+            seconds.append(time.perf_counter() - start)
+            losses.append(result.loss)
+            if scaler.is_enabled():
+                scales.append(float(scaler.get_scale()))
     first, last = quarter_means(losses)
     finite = all(math.isfinite(v) for v in losses)
     decreasing = finite and last < MIN_DECREASE * first
@@ -203,8 +205,10 @@ def step_sync_free(check: Check) -> Outcome:
     device, whose tensors cannot be read at all: any host read in the step raises there."""
     s = check.sizes
     batches = recipe_batches(check, s.window_crop, s.window_batch, s.window_steps + 2)
-    bf16 = _window(check, "bf16", batches, "error")
-    fp16 = _window(check, "fp16", batches, "warn")
+    with training_mode(check.device, "bf16"):
+        bf16 = _window(check, "bf16", batches, "error")
+    with training_mode(check.device, "fp16"):
+        fp16 = _window(check, "fp16", batches, "warn")
     figures = {"bf16": bf16, "fp16": fp16, "device": str(check.device)}
     head = (f"{bf16['steps']} bf16 steps with no synchronising call; fp16: "
             f"{fp16['synchronising_calls']} in {fp16['steps']} steps")
@@ -212,6 +216,29 @@ def step_sync_free(check: Check) -> Outcome:
         head += (f" (host queued {bf16['steps']} steps in {bf16['host_queued_s'] * 1e3:.0f} ms, "
                  f"GPU took {bf16['elapsed_s'] * 1e3:.0f} ms)")
     return Outcome(True, figures, head)
+
+
+def _timed_steps(check: Check, batches: list, precision: str, compiled: bool
+                 ) -> dict[str, Any]:
+    """A fresh model's first step (the compile, when compiled) and the mean of the rest."""
+    model, optimizer, scheduler, scaler, criterion = _fresh(check, precision, len(batches))
+    net = torch.compile(model) if compiled else model
+    step = TrainStep(net, criterion, optimizer, scheduler, scaler, context(check), precision)
+    model.train()
+    synchronize(check.device)
+    start = time.perf_counter()
+    step(batches[0])
+    synchronize(check.device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        step(batch)
+    synchronize(check.device)
+    per_step = (time.perf_counter() - start) / (len(batches) - 1)
+    step.check(0)
+    return {"first_step_s": first, "step_ms": 1e3 * per_step,
+            "samples_per_s": len(batches[0][0]) / per_step,
+            "mean_loss": float(step.loss_sum) / step.passes}
 
 
 def step_compile(check: Check) -> Outcome:
@@ -222,25 +249,9 @@ def step_compile(check: Check) -> Outcome:
     batches = recipe_batches(check, s.compile_crop, s.compile_batch, 1) * (s.compile_steps + 1)
     precision = "bf16"
     runs: dict[str, dict[str, Any]] = {}
-    for name in ("eager", "compiled"):
-        model, optimizer, scheduler, scaler, criterion = _fresh(check, precision, len(batches))
-        net = torch.compile(model) if name == "compiled" else model
-        step = TrainStep(net, criterion, optimizer, scheduler, scaler, context(check), precision)
-        model.train()
-        synchronize(check.device)
-        start = time.perf_counter()
-        step(batches[0])
-        synchronize(check.device)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        for batch in batches[1:]:
-            step(batch)
-        synchronize(check.device)
-        per_step = (time.perf_counter() - start) / (len(batches) - 1)
-        step.check(0)
-        runs[name] = {"first_step_s": first, "step_ms": 1e3 * per_step,
-                      "samples_per_s": len(batches[0][0]) / per_step,
-                      "mean_loss": float(step.loss_sum) / step.passes}
+    with training_mode(check.device, precision):
+        for name in ("eager", "compiled"):
+            runs[name] = _timed_steps(check, batches, precision, compiled=name == "compiled")
     speedup = runs["eager"]["step_ms"] / runs["compiled"]["step_ms"]
     loss_diff = abs(runs["eager"]["mean_loss"] - runs["compiled"]["mean_loss"])
     finite = all(math.isfinite(r["mean_loss"]) for r in runs.values())
@@ -275,18 +286,19 @@ def step_overfit(check: Check) -> Outcome:
     curve: list[tuple[int, float]] = []
     start = time.perf_counter()
     miou, record = math.nan, {}
-    for step in range(max_steps):
-        trained = train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler,
-                                  context(check), precision, step)
-        if (step + 1) % 10 == 0 or step + 1 == max_steps:
-            result = validate(model, plain, criterion, context(check), precision)
-            scores = summary(result.confusion)
-            miou = scores["miou"]
-            curve.append((step + 1, miou))
-            record = {"epoch": step, "train/loss": trained.loss, "val/loss": result.loss,
-                      **{f"val/{k}": v for k, v in scores.items()}}
-            if miou >= OVERFIT_MIOU:
-                break
+    with training_mode(check.device, precision):  # as fit() trains
+        for step in range(max_steps):
+            trained = train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler,
+                                      context(check), precision, step)
+            if (step + 1) % 10 == 0 or step + 1 == max_steps:
+                result = validate(model, plain, criterion, context(check), precision)
+                scores = summary(result.confusion)
+                miou = scores["miou"]
+                curve.append((step + 1, miou))
+                record = {"epoch": step, "train/loss": trained.loss, "val/loss": result.loss,
+                          **{f"val/{k}": v for k, v in scores.items()}}
+                if miou >= OVERFIT_MIOU:
+                    break
     seconds = time.perf_counter() - start
     path = check.work / "overfit" / ckpt.BEST
     state = ckpt.training_state(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from fcn.device import set_rng_state as set_device_rng_state
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.errors import DataError, torch_load_problem
 from fcn.model import FCN8s
+from fcn.fields import check_section
 from fcn.params import ModelParams, TrainParams, params_hash
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,33 @@ def save(path: str | Path, checkpoint: dict[str, Any]) -> None:
         torch.save(checkpoint, file)
 
 
+def _tensors(value: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a checkpoint's nested dicts and lists, with its path."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{name}[{index}]")
+
+
+def check_finite(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint with a NaN or infinite value in any floating-point tensor (weights,
+    batch-norm statistics, optimizer state) in one line naming the first such tensor: such a
+    model predicts garbage, and a resumed run would train on from it."""
+    for name, tensor in _tensors({k: checkpoint[k] for k in ("model", "optimizer")
+                                  if k in checkpoint}):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DataError(f"{path}: tensor {name} holds {bad} NaN or infinite value(s) of "
+                            f"{tensor.numel()}; the weights diverged (use an earlier checkpoint)")
+
+
 def load(path: str | Path, hint: str = "delete it to start training afresh") -> dict[str, Any]:
-    """Read a checkpoint (weights_only: no code runs); a bad file is a DataError naming it.
+    """Read a checkpoint (weights_only: no code runs); a bad file is a DataError naming it,
+    and so is one holding NaN or infinite values (`check_finite`).
 
     `hint` ends the message for a file that exists but cannot be read.
     """
@@ -184,7 +210,47 @@ def load(path: str | Path, hint: str = "delete it to start training afresh") -> 
         have = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise DataError(f"{path}: not a training checkpoint: expected keys "
                         f"['model', 'model_params', 'num_classes'], found {have}")
+    if not isinstance(checkpoint["model"], dict):
+        raise DataError(f"{path}: 'model' is not a mapping of tensors")
+    check_finite(path, checkpoint)
     return checkpoint
+
+
+def model_params_of(path: str | Path, stored: Any) -> ModelParams:
+    """A checkpoint's `model_params`, checked against the same types and ranges as
+    params.yaml's `model` section before anything is built from them."""
+    problems: list[str] = []
+    params = check_section("model_params", ModelParams, stored, problems)
+    if problems:
+        raise DataError(f"{path}: {'; '.join(problems)}")
+    return params
+
+
+def check_shapes(path: str | Path, weights: Mapping[str, Any], params: ModelParams,
+                 num_classes: int) -> None:
+    """The checkpoint's tensors against the architecture `params` describe, compared on the
+    meta device (nothing allocated): one line naming what is missing, unexpected or of
+    another shape."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in FCN8s(params.backbone, num_classes,
+                                                         params.fc67,
+                                                         params.fc_channels).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    problems = []
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+    shapes = [k for k in expected if k in stored and stored[k] != expected[k]]
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} tensor(s) of another shape, e.g. {k} is "
+                        f"{list(stored[k])} in the file, {list(expected[k])} in the model")
+    if problems:
+        raise DataError(f"{path}: weights do not fit FCN8s/{params.backbone} "
+                        f"(fc67={params.fc67}): {'; '.join(problems)}")
 
 
 def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN8s:
@@ -199,28 +265,27 @@ def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN8s:
         raise DataError(f"{path}: checkpoint not found (train first: `dvc repro train`, or pass "
                         "--checkpoint)")
     checkpoint = load(path, hint="is it a checkpoint of this project?")
-    stored = checkpoint["model_params"]
-    if not isinstance(stored, dict):
-        raise DataError(f"{path}: 'model_params' is not a mapping")
+    stored = model_params_of(path, checkpoint["model_params"])
     if expected is not None:
         wanted = dataclasses.asdict(expected)
         for key in SHAPE_PARAMS:
             if key == "fc_channels" and not wanted["fc67"]:
                 continue  # no fc6/fc7 layers: their width does not matter
-            if stored.get(key) != wanted[key]:
-                raise DataError(f"{path}: checkpoint is for model.{key}={stored.get(key)!r} but "
-                                f"params.yaml says model.{key}={wanted[key]!r}")
-        stored = {**stored, **{k: wanted[k] for k in SHAPE_PARAMS}}
+            if getattr(stored, key) != wanted[key]:
+                raise DataError(f"{path}: checkpoint is for model.{key}="
+                                f"{getattr(stored, key)!r} but params.yaml says "
+                                f"model.{key}={wanted[key]!r}")
+        stored = dataclasses.replace(stored, **{k: wanted[k] for k in SHAPE_PARAMS})
     if checkpoint["num_classes"] != NUM_CLASSES:
-        raise DataError(f"{path}: checkpoint predicts {checkpoint['num_classes']} classes, "
+        raise DataError(f"{path}: checkpoint predicts {checkpoint['num_classes']!r} classes, "
                         f"Cityscapes evaluation needs {NUM_CLASSES}")
+    check_shapes(path, checkpoint["model"], stored, NUM_CLASSES)  # before anything is built
+    model = FCN8s(stored.backbone, NUM_CLASSES, stored.fc67, stored.fc_channels)
     try:
-        model = FCN8s(stored["backbone"], NUM_CLASSES, stored["fc67"], stored["fc_channels"])
         model.load_state_dict(checkpoint["model"])
-    except (KeyError, ValueError) as exc:
-        raise DataError(f"{path}: 'model_params' does not describe an FCN8s ({exc})") from None
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: weights do not fit FCN8s/{stored['backbone']}: {exc}") from None
+    except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"{path}: weights do not fit FCN8s/{stored.backbone}: {reason}") from None
     log.info("loaded %s (epoch %s)", path, checkpoint.get("epoch", "?"))
     return model.eval()
 

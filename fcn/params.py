@@ -96,7 +96,8 @@ class ModelParams:
     backbone: Backbone = _p("vgg11_bn", help="torchvision VGG whose features FCN8s builds on")
     weights: str = _p("none", help="'none', 'imagenet' or a path to a backbone state dict")
     fc67: bool = _p(False, help="fc6/fc7 as convolutions (adds ~245 GMACs at 1024x2048)")
-    fc_channels: int = _p(4096, ge=1, help="width of fc6/fc7 (when fc67 is true)")
+    fc_channels: int = _p(4096, ge=1, le=16384, help="width of fc6/fc7 (when fc67 is true; "
+                          "VGG's is 4096)")
 
 
 @dataclass(frozen=True)

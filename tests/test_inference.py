@@ -4,6 +4,7 @@ batching/channels-last/flip TTA behave, and predictions stream with bounded read
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 
@@ -200,3 +201,75 @@ def test_read_ahead_raises_at_the_failing_item():
         for i, _ in read_ahead(load, range(10), workers=2):
             seen.append(i)
     assert seen == [0, 1, 2]
+
+
+# --- checkpoints a hostile or careless user brings (issue 20) --------------------------------
+
+def test_checkpoint_architecture_is_bounded_before_anything_is_built(model, tmp_path):
+    """fc_channels 32768 used to build an 8 GB model before 'weights do not fit': the fields
+    are checked against params.yaml's ranges first, in one line."""
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "model_params": {
+        "backbone": "vgg11_bn", "fc67": True, "fc_channels": 32768}, "num_classes": 19}, path)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"model_params\.fc_channels: must be <= 16384, "
+                                        r"got 32768") as error:
+        load_model(path)
+    assert time.perf_counter() - start < 5 and "\n" not in str(error.value)
+    torch.save({"model": model.state_dict(), "model_params": {"backbone": "resnet50"},
+                "num_classes": 19}, path)
+    with pytest.raises(DataError, match="model_params.backbone: expected one of"):
+        load_model(path)
+
+
+def test_checkpoint_shapes_are_checked_against_the_architecture_in_one_line(model, tmp_path,
+                                                                            monkeypatch):
+    from fcn import model as model_module
+
+    state = dict(model.state_dict())
+    state["score_pool4.weight"] = torch.zeros(19, 256, 1, 1)
+    path = save_checkpoint(tmp_path / "best.pt", model)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"] = state
+    torch.save(checkpoint, path)
+    built = []
+    monkeypatch.setattr(model_module.FCN8s, "__init__", _recording(model_module.FCN8s.__init__,
+                                                                    built))
+    with pytest.raises(DataError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert message == (f"{path}: weights do not fit FCN8s/vgg11_bn (fc67=False): 1 tensor(s) of "
+                       "another shape, e.g. score_pool4.weight is [19, 256, 1, 1] in the file, "
+                       "[19, 512, 1, 1] in the model")
+    assert all(device == "meta" for device in built)  # nothing real was allocated
+
+
+def _recording(init, built):
+    def wrapped(self, *args, **kwargs):
+        built.append(torch.get_default_device().type)
+        return init(self, *args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_checkpoint_tensors_are_refused_in_one_line(model, tmp_path, where):
+    from fcn.checkpoint import load
+
+    path = save_checkpoint(tmp_path / "last.pt", model)
+    checkpoint = torch.load(path, weights_only=True)
+    if where == "model":
+        checkpoint["model"]["score_pool5.bias"] = torch.full((19,), math.nan)
+        name = "model.score_pool5.bias"
+    else:
+        checkpoint["optimizer"] = {"state": {0: {"exp_avg": torch.tensor([1.0, math.inf])}}}
+        name = "optimizer.state.0.exp_avg"
+    torch.save(checkpoint, path)
+    with pytest.raises(DataError) as error:
+        load(path)
+    assert str(error.value) == (f"{path}: tensor {name} holds "
+                                f"{19 if where == 'model' else 1} NaN or infinite value(s) of "
+                                f"{19 if where == 'model' else 2}; the weights diverged (use an "
+                                "earlier checkpoint)")
+    if where == "model":
+        with pytest.raises(DataError, match="NaN or infinite"):  # what deploy and evaluate load
+            load_model(path)

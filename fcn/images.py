@@ -75,9 +75,31 @@ def _open_image(path: str | Path, what: str, max_pixels: int) -> Iterator[Image.
             yield image
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""PIL's modes of 16-bit (and 32-bit integer) greyscale images."""
+
+
+def to_8_bits(values: np.ndarray, path: str | Path, what: str) -> np.ndarray:
+    """16-bit samples as 8-bit ones, keeping the high byte: what PIL and every decoder do for
+    16-bit RGB, so a 16-bit greyscale image reads like its RGB twin (PIL's convert("RGB")
+    clips a 16-bit grey to 255 instead: a 16-bit image of value 1000 read as pure white)."""
+    if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
+        raise DataError(f"{path}: {what} holds values outside 0..65535 "
+                        f"({int(values.min())}..{int(values.max())}); expected an 8- or 16-bit "
+                        "image")
+    return (values.astype(np.uint32) >> 8).astype(np.uint8)
+
+
 def read_rgb(path: str | Path, what: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3); refused above `max_pixels` before decoding."""
+    """An image file as uint8 RGB (H, W, 3); refused above `max_pixels` before decoding.
+    16-bit images keep their high byte (`to_8_bits`); floating-point ones are refused."""
     with _open_image(path, what, max_pixels) as image:
+        if image.mode in SIXTEEN_BIT_MODES:
+            grey = to_8_bits(np.asarray(image), path, what)
+            return np.repeat(grey[..., None], 3, axis=2)
+        if image.mode == "F":
+            raise DataError(f"{path}: {what} is a floating-point image (mode F); expected an "
+                            "8- or 16-bit image")
         return np.asarray(image.convert("RGB"))
 
 
@@ -125,13 +147,15 @@ def read_size(path: str | Path, what: str = "image",
 
 def read_tensor(path: str | Path, channels: int, what: str = "image",
                 max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """uint8[channels, H, W] of a PNG file (torchvision's decoder; 3 = RGB, 1 = grey);
-    refused above `max_pixels` before decoding.
+    """uint8[channels, H, W] of a PNG file (torchvision's decoder; 3 = RGB, 1 = grey; 16-bit
+    files keep their high byte, as `read_rgb`); refused above `max_pixels` before decoding.
 
     torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, which is not a
     dependency here; the warning is silenced at this one call until we switch.
     """
     from torchvision.io import ImageReadMode, decode_png, read_file
+
+    import torch
 
     mode = {3: ImageReadMode.RGB, 1: ImageReadMode.GRAY}[channels]
     with reading(path, what), warnings.catch_warnings():
@@ -140,7 +164,10 @@ def read_tensor(path: str | Path, channels: int, what: str = "image",
         size = png_size(data[:HEADER_BYTES].numpy().tobytes())
         if size is not None:  # not a PNG: decode_png refuses it
             check_pixels(path, what, size, max_pixels)
-        return decode_png(data, mode=mode)
+        tensor = decode_png(data, mode=mode)
+    if tensor.dtype == torch.uint16:  # a 16-bit PNG: its high byte, as read_rgb keeps it
+        tensor = (tensor.to(torch.int32) >> 8).to(torch.uint8)
+    return tensor
 
 
 def write_png(path: str | Path, array: np.ndarray, compress_level: int = 6) -> None:

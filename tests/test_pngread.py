@@ -97,3 +97,49 @@ def test_broken_files(tmp_path, labels):
     path.write_bytes(b"JFIF not a png")
     with pytest.raises(OSError):
         read_png_array(path)
+
+
+# --- 16-bit images read as their 8-bit twins (issue 20) -----------------------------------------
+
+def _png16(path, array):
+    """A 16-bit PNG (grey or RGB) written by hand: PIL cannot write 16-bit RGB."""
+    height, width = array.shape[:2]
+    color = 0 if array.ndim == 2 else 2
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_16_bit_grey_image_reads_like_its_16_bit_rgb_twin(tmp_path):
+    import torch
+
+    from fcn.images import read_rgb, read_tensor
+
+    values = np.array([[0, 255, 256, 1000], [40000, 65535, 512, 7]], np.uint16)
+    grey = _png16(tmp_path / "grey.png", values)
+    rgb = _png16(tmp_path / "rgb.png", np.repeat(values[..., None], 3, axis=2))
+    expected = np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert np.array_equal(read_rgb(rgb), expected)  # PIL's own rule for 16-bit RGB
+    assert np.array_equal(read_rgb(grey), expected)  # was 255 wherever a value was above 255
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "g.png")  # the issue's
+    assert (read_rgb(tmp_path / "g.png") == 3).all()
+    for path in (grey, rgb):  # the training reader (torchvision returns uint16 for these)
+        tensor = read_tensor(path, 3)
+        assert tensor.dtype == torch.uint8
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), expected)
+
+
+def test_a_floating_point_image_is_refused_in_one_line(tmp_path):
+    from fcn.errors import DataError
+    from fcn.images import read_rgb
+
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"f\.tif: image is a floating-point image \(mode F\)"):
+        read_rgb(tmp_path / "f.tif")

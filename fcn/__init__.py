@@ -9,6 +9,7 @@ calls one function here, which writes the stage's outputs):
     errors        FcnError (input problems: one line, exit 1), ParamsError, DataError
     model         FCN8s on a torchvision VGG backbone; ImageNet weights
     checkpoint    the checkpoint schema: save, load, load a model, resume check
+    sources       the project files a module runs, and their digests (a run's code identity)
     deploy        stage `deploy`: ONNX export checked against PyTorch with onnxruntime
     metrics       mIoU / Dice / accuracy from confusion matrices (training curves)
     synthetic     a synthetic dataset in the exact Cityscapes layout (the default data)

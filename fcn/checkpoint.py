@@ -7,11 +7,13 @@ run killed while saving leaves the previous checkpoint intact.
 
 `last.pt` holds everything a run needs to continue (`STATE_KEYS`); `best.pt` only what
 rebuilds the model and says where it came from (`MODEL_KEYS`). Resuming is only allowed when
-the hash of the training-relevant parameters matches: `model`, `train` (minus `workers`,
+the hash of the training-relevant parameters and of the training code matches: `model`, `train` (minus `workers`,
 `device`, `out`, `resume_dir`, `max_restarts`, `monitor_system` and `log_every`, which change
 where and how fast a run goes, not what it computes), and
 what identifies the data (the stage passes the `data` and `synthesize` sections: a changed
-synthetic dataset has the same paths but other pixels).
+synthetic dataset has the same paths but other pixels), and the training code (`fcn.sources`:
+every file `fcn.train.fit` runs, by content; a run killed before an edit starts afresh after
+it, as DVC reruns the stage).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fcn import sources
 from fcn.atomic import atomic_path
 from fcn.device import rng_state as device_rng_state
 from fcn.device import set_rng_state as set_device_rng_state
@@ -57,15 +60,22 @@ def best_path(out: str | Path) -> Path:
 
 # --- what a checkpoint must agree with to be resumed ----------------------------------------
 
+TRAINING_CODE = "fcn.train.fit"
+"""The module whose source files (and those it imports) make up a run's training code."""
+
+
 def hashed_params(model: ModelParams, train: TrainParams,
                   identity: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameter values a checkpoint must agree with to be resumed (plain data):
-    `identity` holds further sections (plain dicts) that name the data trained on."""
+    """The values a checkpoint must agree with to be resumed (plain data): the parameters,
+    `identity` (further sections, plain dicts, that name the data trained on), and `code`, the
+    digest of every source file of the training code (`fcn.sources`), so that a run killed
+    before an edit never resumes under the edited code."""
     train = dataclasses.replace(train, workers=0, device="auto", out="", monitor_system=False,
                                 max_restarts=0, resume_dir=None,
                                 log_every=TrainParams.log_every)
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
-            **{name: dict(section) for name, section in identity.items()}}
+            **{name: dict(section) for name, section in identity.items()},
+            "code": dict(sources.fingerprint(TRAINING_CODE))}
 
 
 def training_hash(hashed: Mapping[str, Any]) -> str:

@@ -63,3 +63,64 @@ def test_publish_replaces_the_output_folder_and_removes_the_state(tmp_path):
         resume.publish(folder, out)
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]
     assert (out / "last.pt").read_bytes() == b"last" and not folder.exists()
+
+
+# --- the training code is part of what a resumed run must share (issue 20) --------------------
+
+def test_the_code_fingerprint_changes_with_any_edit_of_a_training_file(tmp_path):
+    import shutil
+
+    from fcn import sources
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sources.PACKAGE_ROOT / "fcn", copy / "fcn")
+    before = sources.fingerprint(ckpt.TRAINING_CODE, copy)
+    assert "fcn/train/loop.py" in before and "fcn/benchmark/run.py" not in before
+    loop = copy / "fcn" / "train" / "loop.py"
+    loop.write_text(loop.read_text() + "# a comment is enough\n")
+    sources.fingerprint.cache_clear()
+    after = sources.fingerprint(ckpt.TRAINING_CODE, copy)
+    assert {k for k in before if before[k] != after[k]} == {"fcn/train/loop.py"}
+    (copy / "fcn" / "benchmark" / "run.py").write_text("# not training code\n")
+    sources.fingerprint.cache_clear()
+    assert sources.fingerprint(ckpt.TRAINING_CODE, copy) == after
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL right after an epoch's checkpoint."""
+
+
+def test_a_run_killed_before_a_code_edit_starts_afresh_after_it(tiny_dataset, masks, tmp_path,
+                                                                monkeypatch, caplog):
+    from fcn.params import parse_params, sections_dict
+    from fcn.train import fit as fit_module
+    from fcn import sources
+
+    from trainset import state_folder, tiny_params
+
+    params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=2))
+    log_epoch = fit_module._log_epoch
+
+    def killed(record, *args):
+        log_epoch(record, *args)
+        raise _Killed
+
+    monkeypatch.setattr(fit_module, "_log_epoch", killed)
+    with pytest.raises(_Killed):
+        fit_module.fit(params.model, params.train, params.data.root, params.data.generated,
+                       None, identity=sections_dict(params, "data", "synthesize"))
+    old = state_folder(tmp_path / "resume")
+    monkeypatch.setattr(fit_module, "_log_epoch", log_epoch)
+    edited = {**sources.fingerprint(ckpt.TRAINING_CODE), "fcn/train/loop.py": "0" * 16}
+    monkeypatch.setattr(sources, "fingerprint", lambda module, root=None: edited)
+    with caplog.at_level("INFO", "fcn"):
+        record = fit_module.fit(params.model, params.train, params.data.root,
+                                params.data.generated, None,
+                                identity=sections_dict(params, "data", "synthesize"))
+    assert "resuming" not in caplog.text and record["epoch"] == 1
+    assert (f"{old} holds a run of these parameters under other training code (changed: "
+            "fcn/train/loop.py): not resumed, training starts afresh") in caplog.text
+    assert old.exists()  # the old run's state stays where it was, for the old code
+    last = ckpt.load(tmp_path / "models" / "last.pt")
+    assert last["hashed_params"]["code"]["fcn/train/loop.py"] == "0" * 16
+    assert len(last["history"]) == 2  # both epochs trained under the new code

@@ -17,6 +17,7 @@ One process trains a given hash at a time: the state folder is locked while a ru
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -93,7 +94,28 @@ def resume_point(directory: Path, out: Path, hashed: Mapping[str, Any],
         state = ckpt.resumable(directory, hashed, epochs)
         if state is not None:
             return state, False
+    else:
+        _other_code(directory, hashed)
     return ckpt.resumable(out, hashed, epochs), True
+
+
+def _other_code(directory: Path, hashed: Mapping[str, Any]) -> None:
+    """Say so when a state folder of the same parameters under other training code exists:
+    that run is not resumed (it would mix code versions), this one starts afresh."""
+    mine = {k: v for k, v in hashed.items() if k != "code"}
+    for params in sorted(directory.parent.glob(f"*/{PARAMS}")):
+        if params.parent == directory or not (params.parent / ckpt.LAST).exists():
+            continue
+        try:
+            theirs = json.loads(params.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(theirs, dict) and {k: v for k, v in theirs.items() if k != "code"} == mine:
+            code, old = hashed.get("code", {}), theirs.get("code", {})
+            changed = sorted(f for f in set(code) | set(old) if code.get(f) != old.get(f))
+            log.warning("%s holds a run of these parameters under other training code "
+                        "(changed: %s): not resumed, training starts afresh", params.parent,
+                        ", ".join(changed) or "unknown")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -183,6 +183,20 @@ def decoders(path: Path, rounds: int) -> dict[str, float]:
     return out
 
 
+def verify_cost(decoded: Path, pairs: list, rounds: int) -> dict[str, float]:
+    """What a training run's check of the decoded cache costs (`fcn.train.decoded.verify`,
+    one thread): seconds per GB of arrays, best of `rounds`."""
+    from fcn.train.decoded import verify
+
+    gb = sum(p.stat().st_size for p in (decoded / "train").rglob("*.npy")) / 1e9
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        verify(decoded, "train", pairs, threads=1)
+        best = min(best, time.perf_counter() - start)
+    return {"gb": gb, "seconds": best, "seconds_per_gb": best / gb}
+
+
 def gpu_demand(crop: tuple[int, int], rates: dict[str, float]) -> dict[str, Any]:
     """Samples/s an H100 takes at the recipe's crop, and cores each path needs for it."""
     forward = analytic_flops(FCN8s("vgg11_bn"), *crop).flops
@@ -227,12 +241,14 @@ def main() -> None:
         rates = {name: 1 / s for name, s in best.items()}
         steps = breakdown(pngs, cached, recipe, keys, args.batch)
         decode_ms = decoders(pngs.pairs[0].image, args.rounds)
+        verify = verify_cost(decoded, pngs.pairs, args.rounds)
 
     demand = gpu_demand(recipe.crop, {"new": rates["new"], "old": rates["old"]})
     result = {
         "samples_per_s_per_core": rates["new"], "old_samples_per_s_per_core": rates["old"],
         "ratio": rates["new"] / rates["old"], "new_png_samples_per_s_per_core": rates["new_png"],
         "breakdown_ms_per_sample": steps, "decode_ms": decode_ms, "gpu": demand,
+        "cache_verify": verify,
         "recipe": {"image": [1024, 2048], "crop": list(recipe.crop),
                    "scale": list(recipe.scale), "flip": True, "jitter": recipe.jitter,
                    "batch": args.batch},
@@ -254,6 +270,9 @@ def main() -> None:
         print(f"  {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     print("PNG decoders, one 1024x2048 RGB image: " +
           ", ".join(f"{k} {v:.1f} ms" for k, v in decode_ms.items()))
+    print(f"Checking the decoded cache before training (SHA-256 of every array, one thread): "
+          f"{verify['seconds_per_gb']:.2f} s per GB ({verify['gb']:.3f} GB in "
+          f"{verify['seconds']:.3f} s)")
     low, high = demand["h100_samples_per_s"]
     print(f"GPU demand: one {recipe.crop[0]}x{recipe.crop[1]} training sample is "
           f"{demand['sample_gflop']:.0f} GFLOP (3 x forward); an H100 at "

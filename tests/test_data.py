@@ -225,6 +225,45 @@ def test_a_damaged_decoded_array_is_refused_in_one_line(tiny_dataset, masks, tmp
         SegmentationDataset(tiny_dataset, masks, "val", None, tmp_path / "off")
 
 
+@pytest.mark.parametrize("damage", ["mask of 77s", "inverted image"])
+def test_altered_decoded_data_is_refused_before_training(tiny_dataset, masks, tmp_path, damage):
+    """Headers intact, data altered: the arrays' SHA-256 in the index catch it in one line
+    (it used to train on the altered data, or fail with a traceback 55 s into training)."""
+    decoded = tmp_path / "decoded"
+    decode_stage(tiny_dataset, masks, decoded, True, 1)
+    stem = find_pairs(tiny_dataset, masks, "train")[1].stem
+    kind = "mask" if damage == "mask of 77s" else "image"
+    path = array_path(decoded, "train", stem, kind)
+    data = np.load(path, mmap_mode="r+")
+    if kind == "mask":
+        data[:] = 77
+    else:
+        data[:] = 255 - data
+    data.flush()
+    del data
+    with pytest.raises(DataError) as error:
+        SegmentationDataset(tiny_dataset, masks, "train", RECIPE, decoded)
+    assert str(error.value) == (f"{path}: decoded {kind} does not match its SHA-256 in "
+                                f"{decoded / 'index.json'} (damaged or altered since the decode "
+                                "stage wrote it; rerun it)")
+
+
+def test_a_source_replaced_after_decoding_makes_the_cache_stale(tiny_dataset, masks, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dataset, root)
+    decoded = tmp_path / "decoded"
+    decode_stage(root, masks, decoded, True, 1)
+    first, second = [p.image for p in find_pairs(root, masks, "val")]
+    data = second.read_bytes()
+    first.write_bytes(data)  # another image of the same size in its place
+    with pytest.raises(DataError, match=rf"^{first}: changed since the decode stage cached it "
+                                        r"\(size, mtime \[\d+, \d+\] -> \[\d+, \d+\]\); rerun "
+                                        "the decode stage$"):
+        SegmentationDataset(root, masks, "val", None, decoded)
+
+
 def test_workers_auto():
     assert worker_count(3, torch.device("cpu"), 1) == 3
     assert worker_count("auto", torch.device("cpu"), 1) == 0  # the model has every core

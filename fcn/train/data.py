@@ -72,6 +72,8 @@ class SegmentationDataset(Dataset):
             self.pairs += pairs
             if decoded is not None:
                 sizes = cache.check_covers(decoded, s, [p.stem for p in pairs])
+                if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per machine
+                    cache.verify(decoded, s, pairs, max_pixels)
                 for pair in pairs:
                     if sizes[pair.stem] != pair.size:
                         raise DataError(

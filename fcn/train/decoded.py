@@ -9,16 +9,27 @@ the PNGs.
 
 Layout under `out`: `<split>/<city>/<stem>.image.npy` (uint8 [H, W, 3], RGB) and
 `<stem>.mask.npy` (uint8 [H, W], trainIds), plus `index.json` (format, whether arrays were
-written, and every split's stems with their height and width). Mask values are checked once
-here (each a class or ignore); the reader checks every array's header (dtype, shape equal to
-the index's, at most `max_pixels`) before mapping it, so a damaged or foreign file is a one-line
-error, never a wrong sample.
+written, and for every split's stem its height, width, each array's SHA-256 and the size and
+modification time of the PNG it came from). Mask values are checked once here (each a class or
+ignore). What a training run checks before its first step (`verify`):
+
+- every array's header (dtype, shape equal to the index's, at most `max_pixels`) and length;
+- every array's SHA-256 against the index (a damaged or altered file), in up to 8 threads,
+  on local rank 0 of each machine (its cost per GB: docs/performance.md, measured by
+  benchmarks/loader_throughput.py);
+- every source PNG's size and modification time against the index (a replaced image or mask:
+  the cache is stale). A replacement that keeps both is not noticed: DVC, which tracks the
+  data by content, reruns the decode stage for it; running stages/train.py by hand does not.
+
+So a damaged, foreign or stale file is a one-line error before training, never a wrong sample.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,11 +42,11 @@ from fcn.atomic import atomic_dir, write_json
 from fcn.cityscapes import layout
 from fcn.errors import DataError
 from fcn.images import MAX_PIXELS, check_pixels
-from fcn.train.pairs import find_pairs, load_pair
+from fcn.train.pairs import Pair, find_pairs, load_pair
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 INDEX = "index.json"
 KINDS = {"image": 3, "mask": 1}
 """Array kind → channels."""
@@ -48,16 +59,31 @@ def array_path(out: str | Path, split: str, stem: str, kind: str) -> Path:
     return Path(out) / split / layout.city_of(stem) / f"{stem}.{kind}.npy"
 
 
-def _decode_one(task: tuple[Any, ...]) -> tuple[str, int, int]:
-    """Decode one pair into `out` (a private folder); (stem, height, width)."""
+def source_identity(path: Path) -> list[int]:
+    """[size in bytes, modification time in ns] of a source file: what `verify` compares."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _digest(array: Any) -> str:
+    return hashlib.sha256(memoryview(array)).hexdigest()
+
+
+def _decode_one(task: tuple[Any, ...]) -> dict[str, Any]:
+    """Decode one pair into `out` (a private folder); its index entry."""
     split, pair, out, max_pixels = task
+    sources = {"image": source_identity(pair.image), "mask": source_identity(pair.mask)}
     image, mask = load_pair(pair, max_pixels)
     stem = pair.stem
+    entry: dict[str, Any] = {"stem": stem, "height": int(image.shape[1]),
+                             "width": int(image.shape[2])}
     for kind, array in (("image", image.permute(1, 2, 0)), ("mask", mask)):
         path = array_path(out, split, stem, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.ascontiguousarray(array.numpy()), allow_pickle=False)
-    return stem, int(image.shape[1]), int(image.shape[2])
+        data = np.ascontiguousarray(array.numpy())
+        np.save(path, data, allow_pickle=False)
+        entry[kind] = {"sha256": _digest(data), "source": sources[kind]}
+    return entry
 
 
 def decode_stage(root: str | Path, generated: str | Path, out: str | Path, enabled: bool,
@@ -69,12 +95,12 @@ def decode_stage(root: str | Path, generated: str | Path, out: str | Path, enabl
     with atomic_dir(out) as tmp:
         if enabled:
             tasks = [(split, pair, tmp, max_pixels) for split in SPLITS for pair in pairs[split]]
-            done: dict[str, list[list[Any]]] = {split: [] for split in SPLITS}
+            done: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
             with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding releases the GIL
-                for (split, *_), (stem, h, w) in zip(tasks, tqdm(
+                for (split, *_), entry in zip(tasks, tqdm(
                         pool.map(_decode_one, tasks), total=len(tasks), desc="decode",
                         unit="img")):
-                    done[split].append([stem, h, w])
+                    done[split].append(entry)
             index["splits"] = done
             nbytes = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy"))
             log.info("decoded %d images and masks into %s (%.1f MB)", len(tasks), out,
@@ -136,16 +162,25 @@ def open_array(path: Path, kind: str, height: int, width: int,
     return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=expected)
 
 
-def split_sizes(out: str | Path, split: str) -> dict[str, tuple[int, int]]:
-    """stem → (height, width) of a decoded split; an error if the cache does not hold it."""
+def entries(out: str | Path, split: str) -> dict[str, dict[str, Any]]:
+    """stem → index entry (height, width, each array's digest and source) of a decoded
+    split; an error if the cache does not hold it."""
     index = read_index(out)
     if not index.get("enabled"):
         raise DataError(f"{Path(out) / INDEX}: the cache holds no arrays (decode.enabled was "
                         "false when it was built)")
-    entries = index.get("splits", {}).get(split)
-    if not isinstance(entries, list):
+    found = index.get("splits", {}).get(split)
+    if not isinstance(found, list):
         raise DataError(f"{Path(out) / INDEX}: split {split!r} not decoded")
-    return {stem: (int(h), int(w)) for stem, h, w in entries}
+    try:
+        return {e["stem"]: e for e in found}
+    except (TypeError, KeyError):
+        raise DataError(f"{Path(out) / INDEX}: damaged index (rerun the decode stage)") from None
+
+
+def split_sizes(out: str | Path, split: str) -> dict[str, tuple[int, int]]:
+    """stem → (height, width) of a decoded split."""
+    return {stem: (int(e["height"]), int(e["width"])) for stem, e in entries(out, split).items()}
 
 
 def check_covers(out: str | Path, split: str, stems: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -156,3 +191,34 @@ def check_covers(out: str | Path, split: str, stems: Sequence[str]) -> dict[str,
         raise DataError(f"{Path(out) / INDEX}: {len(missing)} {split} image(s) not in the decoded "
                         f"cache, e.g. {missing[0]} (rerun the decode stage)")
     return sizes
+
+
+def verify(out: str | Path, split: str, pairs: Sequence[Pair], max_pixels: int = MAX_PIXELS,
+           threads: int | None = None) -> None:
+    """Check `pairs`' arrays against the index before a run reads them: each source PNG's size
+    and modification time (stale cache), each array's header and SHA-256 (damaged or altered
+    file); the first problem is a one-line DataError naming the file. Hashing runs in
+    `threads` threads (hashlib releases the GIL); see the module docstring for the cost."""
+    found = entries(out, split)
+    index = Path(out) / INDEX
+    jobs = []
+    for pair in pairs:
+        entry = found[pair.stem]
+        for kind, source in (("image", pair.image), ("mask", pair.mask)):
+            recorded = entry[kind]["source"]
+            now = source_identity(source)
+            if now != recorded:
+                raise DataError(f"{source}: changed since the decode stage cached it (size, "
+                                f"mtime {recorded} -> {now}); rerun the decode stage")
+            jobs.append((array_path(out, split, pair.stem, kind), kind, pair.size,
+                         entry[kind]["sha256"]))
+
+    def check(job: tuple[Path, str, tuple[int, int], str]) -> None:
+        path, kind, size, expected = job
+        if _digest(open_array(path, kind, *size, max_pixels)) != expected:
+            raise DataError(f"{path}: decoded {kind} does not match its SHA-256 in {index} "
+                            "(damaged or altered since the decode stage wrote it; rerun it)")
+
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(check, jobs):
+            pass

@@ -20,6 +20,7 @@ calls one function here, which writes the stage's outputs):
     images        reading and writing image files, with one-line errors naming the file
     png           the fast PNG codec for label masks
     atomic        atomic file and folder output (temporary + rename)
+    lifetime      no process of a run outlives its owner (DVC, the shell, the stage, torchrun)
     threads       bounded read-ahead and write-behind threads
 
     cityscapes/   the dataset's own conventions, matching cityscapesScripts exactly

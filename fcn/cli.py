@@ -1,4 +1,5 @@
-"""What every stage script shares: logging set-up and turning input errors into one line."""
+"""What every stage script shares: logging set-up, dying with the DVC process that runs it, and
+turning input errors into one line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from fcn.errors import FcnError
+from fcn.lifetime import watch_owners
 
 log = logging.getLogger("fcn")
 
@@ -22,6 +24,7 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main: input errors become one clear line on stderr and exit code 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    watch_owners()  # under DVC: die with it (fcn.lifetime)
     try:
         main()
     except FcnError as exc:

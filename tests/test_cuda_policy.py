@@ -392,7 +392,7 @@ def test_a_cuda_process_group_sets_its_gpu_and_refuses_more_processes_than_gpus(
     monkeypatch.setattr(distributed.dist, "init_process_group", backends.append)
     monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "_die_with_parent", lambda *args: None)
+    monkeypatch.setattr(distributed, "die_with_parent", lambda *args: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -5,16 +5,20 @@
   uninterrupted 2-process run (bit for bit on CPU). Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
   which the stage gives torchrun, the restarted group usually failed to connect or hung here
   (see fcn.train.distributed.UNSHARED_STORE).
-- No orphans: a SIGKILLed stage (or torchrun) takes every process below it along, and the
-  training state's lock is free again; before, torchrun's workers, in sessions of their own,
-  trained on.
+- No orphans: whichever process of the chain `dvc repro` → its shell → the stage → torchrun →
+  workers is SIGKILLed, every other one is gone within a minute and the training state's lock
+  is free again; before, the stage trained on when DVC was killed, and torchrun's workers, in
+  sessions of their own, when the stage was.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ from fcn.train.distributed import needs_launch
 from fcn.train.resume import LOCK
 
 from conftest import TWO_PROCESS_EPOCHS as EPOCHS
-from trainset import state_folder, tiny_params, train_command, write_params
+from trainset import tiny_params, train_command, write_params
 
 def _setup(tiny_dataset: Path, masks: Path, run: Path, max_restarts: int,
            epochs: int = EPOCHS) -> Path:
@@ -128,36 +132,96 @@ def _wait_for(path: Path, text: str, stage: subprocess.Popen, timeout: float = 3
     raise AssertionError(f"{text!r} not logged within {timeout} s")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("victim", ["stage", "torchrun"])
-def test_a_killed_stage_or_torchrun_leaves_no_worker_behind(tiny_dataset, masks, tmp_path,
-                                                            victim):
-    """SIGKILL (the OOM killer's signal) the stage process, or torchrun below it, while the 2
-    workers train a run that would last minutes: within seconds no process of the run is left
-    and the training state's lock can be taken, so the next `dvc repro` resumes."""
-    run = _setup(tiny_dataset, masks, tmp_path / "run", max_restarts=0, epochs=500)
-    log = tmp_path / "stage.log"
-    with log.open("w") as stderr:
-        stage = subprocess.Popen(train_command(run), stdout=subprocess.DEVNULL, stderr=stderr,
-                                 start_new_session=True)
-    tree: list[psutil.Process] = []
-    try:
-        _wait_for(log, "epoch 1/500", stage)  # the group formed and trains
-        tree = psutil.Process(stage.pid).children(recursive=True)
-        torchrun = [p for p in tree if p.ppid() == stage.pid]
-        workers = [p for p in tree if "LOCAL_RANK" in p.environ()]
-        assert len(torchrun) == 1 and len(workers) == 2, tree
-        (psutil.Process(stage.pid) if victim == "stage" else torchrun[0]).kill()
+FORKING_SHELL = """#!/bin/sh
+# A shell that forks the command DVC gives it instead of exec'ing it (as some shells do, as
+# CI's did): the chain then has a shell between DVC and the stage.
+/bin/sh -c "$2"
+status=$?
+exit $status
+"""
 
-        gone, alive = psutil.wait_procs([*torchrun, *workers], timeout=60)
+
+@pytest.fixture(scope="module")
+def chain_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DVC project whose train stage runs 2 processes for 500 epochs, its upstream
+    stages done, and a forking $SHELL for DVC."""
+    from dvc_repo import commit_all, copy_project, dvc, make_tiny, set_param
+
+    repo = copy_project(tmp_path_factory.mktemp("chain") / "project")
+    make_tiny(repo)
+    for key, value in (("train.nproc", 2), ("train.epochs", 500),
+                       ("train.monitor_system", False)):
+        set_param(repo, key, value)
+    commit_all(repo, "a long 2-process training")
+    dvc(repo, "repro", "class_weights", "decode")
+    shell = repo.parent / "forking-sh"
+    shell.write_text(FORKING_SHELL)
+    shell.chmod(0o755)
+    return repo
+
+
+def _chain(dvc_pid: int) -> dict[str, list[psutil.Process]]:
+    """The processes below `dvc repro`, by role."""
+    below = psutil.Process(dvc_pid).children(recursive=True)
+    stage = [p for p in below if p.cmdline()[-1:] == ["stages/train.py"]]
+    return {"dvc": [psutil.Process(dvc_pid)], "stage": stage,
+            "shell": [p for p in below if "forking-sh" in " ".join(p.cmdline())],
+            "torchrun": [p for p in below if stage and p.ppid() == stage[0].pid],
+            "worker": [p for p in below if p.environ().get("RANK") == "1"],
+            "every": below}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["dvc", "shell", "stage", "torchrun", "worker"])
+def test_killing_any_process_of_the_chain_leaves_nothing_behind(chain_repo, victim):
+    """`dvc repro` → DVC's shell → the stage → torchrun → 2 workers, training for minutes:
+    SIGKILL one of them (the OOM killer's signal) and within 60 s no process of the run is
+    left, and the training state's lock can be taken, so the next `dvc repro` resumes."""
+    from dvc_repo import environment
+
+    repo = chain_repo
+    (repo / ".dvc" / "tmp" / "rwlock").unlink(missing_ok=True)  # left by a killed dvc
+    log = repo.parent / f"{victim}.log"
+    env = {**environment(repo), "SHELL": str(repo.parent / "forking-sh")}
+    with log.open("w") as out:
+        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo,
+                               env=env, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    every: list[psutil.Process] = []
+    try:
+        _wait_for(log, "/500 (", dvc)  # an epoch logged: the group formed and trains
+        chain = _chain(dvc.pid)
+        every = [chain["dvc"][0], *chain["every"]]
+        assert len(chain["stage"]) == len(chain["shell"]) == len(chain["torchrun"]) == 1, chain
+        assert len(chain["worker"]) == 1 and len(chain["every"]) >= 5, chain
+        chain[victim][0].kill()
+        gone, alive = psutil.wait_procs(every, timeout=60)
         assert not alive, f"left running after the {victim} was killed: {alive}"
-        assert stage.wait(timeout=60) != 0
-        with (state_folder(run / "resume") / LOCK).open("a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nobody trains on
+        folders = [p for p in (Path(os.environ["XDG_CACHE_HOME"]) / "fcn-cityscapes" /
+                               "resume").iterdir() if (p / LOCK).exists()]
+        for folder in folders:
+            with (folder / LOCK).open("a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nobody trains on
     finally:
-        for proc in [*tree, psutil.Process(stage.pid) if stage.poll() is None else None]:
+        for proc in every + [psutil.Process(dvc.pid)] if dvc.poll() is None else every:
             try:
-                if proc is not None:
-                    proc.kill()
+                proc.kill()
             except psutil.NoSuchProcess:
                 pass
+        dvc.wait(timeout=60)
+
+
+def test_a_stage_started_by_hand_is_left_alone_and_one_under_dvc_finds_its_owners(monkeypatch):
+    """Only a stage run by DVC dies with its owners (nohup python stages/train.py & must
+    survive its terminal); `owners` climbs the processes carrying DVC_STAGE up to DVC."""
+    from fcn import lifetime
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert lifetime.watch_owners() is None
+    code = ("import json, os; from fcn.lifetime import owners; "
+            "print(json.dumps([pid for pid, _ in owners()]))")
+    shell = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c '{code}'; true"],
+                             env={**os.environ, "DVC_STAGE": "train"},
+                             stdout=subprocess.PIPE, text=True)
+    out, _ = shell.communicate(timeout=60)
+    assert json.loads(out) == [shell.pid, os.getpid()]  # the shell, then "DVC" (this process)

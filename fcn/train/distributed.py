@@ -7,15 +7,15 @@ CUDA. With `--max-restarts N`, torchrun stops the whole group when any worker fa
 it again, up to N times; every restarted process resumes from the run's last checkpoint (the
 end of the last completed epoch), so a restart costs at most one epoch.
 
-No process outlives the one that started it (Linux): torchrun gets SIGTERM when the stage
-process dies, and each worker SIGKILL when torchrun dies. Without that, a stage killed by
-SIGKILL (the OOM killer, `kill -9` of `dvc repro`'s process group) left torchrun's workers
-training on in sessions of their own, holding their GPUs and the training state's lock.
+No process outlives the one that started it (Linux, `fcn.lifetime`): torchrun gets SIGTERM
+when the stage process dies, and each worker SIGKILL when torchrun dies; the stage itself dies
+with DVC. Without that, a stage killed by SIGKILL (the OOM killer, `kill -9` of `dvc repro`'s
+process group) left torchrun's workers training on in sessions of their own, holding their
+GPUs and the training state's lock.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from fcn.device import cuda_count, resolve_device, set_current
 from fcn.errors import FcnError
+from fcn.lifetime import die_with_parent, prctl
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +57,6 @@ UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 keeps it across restarts, so a restarted group can read the addresses the failed group
 published and its process group fails to connect or hangs (pytorch/pytorch#135712; seen with
 torch 2.14 in 3 of 4 gloo restarts). Set to 1, each rendezvous round gets a fresh store."""
-
-
-_PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up before any fork (a forked child must not load libraries);
-    None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(prctl: Callable[..., int] | None, signum: int, parent: int) -> None:
-    """Have Linux send `signum` to this process when its parent exits (PR_SET_PDEATHSIG), and
-    send it now if its parent is no longer `parent` (it died before this call). Only a call
-    through `prctl` (from _prctl, looked up beforehand) and system calls: safe between fork and
-    exec. Nothing happens where `prctl` is None (not Linux)."""
-    if prctl is not None and prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0 \
-            and os.getppid() != parent:
-        os.kill(os.getpid(), signum)
 
 
 def under_torchrun() -> bool:
@@ -115,7 +92,7 @@ def relaunch(nproc: int, script: str, args: Sequence[str], max_restarts: int = 0
              " ".join(command))
     # torchrun gets SIGTERM when this process dies (it then stops its workers); started
     # before the handlers below, it keeps the default ones
-    die_with_stage = functools.partial(_die_with_parent, _prctl(), int(signal.SIGTERM),
+    die_with_stage = functools.partial(die_with_parent, prctl(), int(signal.SIGTERM),
                                        os.getpid())
     process = subprocess.Popen(command, env=env, preexec_fn=die_with_stage)
     if threading.current_thread() is not threading.main_thread():  # no handlers here
@@ -139,7 +116,7 @@ def setup(device_choice: str) -> Context:
     Under torchrun the process dies with torchrun (SIGKILL): an orphaned worker would train
     on alone, or wait forever in a collective, holding its GPU and the state folder's lock."""
     if under_torchrun():
-        _die_with_parent(_prctl(), int(signal.SIGKILL), os.getppid())
+        die_with_parent(prctl(), int(signal.SIGKILL), os.getppid())
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         _log_restart(0)
         return Context(0, 1, resolve_device(device_choice, setting="train.device"))

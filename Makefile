@@ -2,6 +2,8 @@
 #   make repro   – create/reuse .venv, install the project, run the whole DVC pipeline
 #   make test    – create/reuse .venv, install the project with test extras, run the tests
 #   make docs    – regenerate the docs' figures and parameter reference from committed files
+#   make check-params – check params.yaml as the stages do, before DVC parses it (repro runs it)
+#   make hooks   – a git pre-commit hook that refuses a params.yaml the stages would refuse
 #   make gpu-check – prove the CUDA paths on a GPU (both profiles, ≤ 2 x 4 min), or their dry
 #                  run without one; table on stdout, every figure in gpu_check.json
 #   make gpu-wheels – the wheels a lent GPU machine lacks, into .whl/ (docs/gpu-check.md)
@@ -13,7 +15,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
 
-.PHONY: install repro test docs gpu-check gpu-wheels clean browser
+.PHONY: install repro test docs check-params hooks gpu-check gpu-wheels clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +27,15 @@ $(VENV)/.installed: $(PY) pyproject.toml
 
 install: $(VENV)/.installed
 
-repro: install
+# DVC parses params.yaml before any project code runs, with a loader that expands YAML aliases:
+# the project's check (size, no aliases, every field) goes first.
+check-params: install
+	$(PY) -m fcn.params params.yaml
+
+hooks:
+	git config core.hooksPath .githooks
+
+repro: install check-params
 	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 

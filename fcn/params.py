@@ -409,3 +409,24 @@ def json_schema() -> dict[str, Any]:
                            " constraints between fields are checked by fcn.params.load_params.",
             "type": "object", "additionalProperties": False,
             "required": list(sections), "properties": sections}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fcn.params [FILE ...]`: check params files as every stage does (size, no
+    YAML aliases, every field) before DVC parses them: DVC reads params.yaml with a YAML loader
+    that expands aliases, so a "billion laughs" file takes `dvc status` down before any of
+    this project's code runs. `make repro` and the git pre-commit hook (`make hooks`) run it."""
+    import sys
+
+    problems = 0
+    for name in (argv if argv is not None else sys.argv[1:]) or [PARAMS_FILE]:
+        try:
+            load_params(name)
+        except ParamsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            problems += 1
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

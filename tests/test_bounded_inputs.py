@@ -468,3 +468,64 @@ def test_export_images_takes_the_limit_from_params(checkpoint, photos, previous,
     assert error_lines(caplog) == [f"{photos / 'sub' / 'b.jpg'}: image is 40x40 (1600 pixels), "
                                    "more than the limit of 1599 pixels (data.max_pixels)"]
     assert snapshot(previous) == before and leftovers(tmp_path) == []
+
+
+# --- issue 20 item 7: what the project does before DVC parses params.yaml ---------------------
+
+def _bomb(path):
+    laughs = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)]
+    path.write_text("\n".join(laughs) + "\ndata: {root: *i}\n")
+    return path
+
+
+def test_the_params_check_refuses_a_billion_laughs_file_in_one_line_and_make_repro_runs_it(
+        tmp_path):
+    """DVC parses params.yaml with a loader that expands aliases (`dvc status` ran out of
+    memory); `python -m fcn.params` refuses it in a second, and `make repro` runs that check
+    before `dvc repro`."""
+    import time
+
+    bomb = _bomb(tmp_path / "params.yaml")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fcn.params", str(bomb)], capture_output=True,
+                          text=True, timeout=60)
+    assert time.perf_counter() - start < 30
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {bomb}: not valid YAML: aliases (*name) are not "
+                                  "allowed in params, line 2")
+    ok = subprocess.run([sys.executable, "-m", "fcn.params", "params.yaml"], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    plan = subprocess.run(["make", "-n", "repro"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "-m fcn.params params.yaml" in plan and "dvc repro" in plan
+    assert plan.index("-m fcn.params params.yaml") < plan.index("dvc repro")
+
+
+def test_the_pre_commit_hook_refuses_a_params_file_the_stages_would_refuse(tmp_path):
+    import os
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(REPO / ".githooks", repo / ".githooks")
+    env = {**os.environ, "FCN_PYTHON": sys.executable, "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost"}
+    env.pop("GIT_DIR", None)
+    env.pop("GIT_INDEX_FILE", None)
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+
+    git("init", "-q")
+    git("config", "core.hooksPath", ".githooks")  # what `make hooks` sets
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    git("add", "params.yaml")
+    assert git("commit", "-q", "-m", "good").returncode == 0
+    _bomb(repo / "params.yaml")
+    git("add", "params.yaml")
+    refused = git("commit", "-q", "-m", "bomb")
+    assert refused.returncode == 1
+    assert "aliases (*name) are not allowed" in refused.stderr
+    assert "pre-commit: params.yaml refused" in refused.stderr

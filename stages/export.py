@@ -1,7 +1,7 @@
 """Stage `export`: test predictions as label-id PNGs + upload zip, overlays and a val GIF.
 
 `--images DIR --out DIR` instead predicts any folder of images (outside the dataset too):
-`<out>/<relative path>/<name>_labelIds.png` and `<name>_overlay.png` per image; --mode,
+`<out>/<relative path>/<name>_labelIds.png` and `overlay_<name>.png` per image; --mode,
 --window, --stride, --scales, --flip … override the export section for that (as fcn-predict).
 Every image is checked (opens, at most data.max_pixels) before any work, and --out is replaced
 whole once every prediction is written: a failure leaves the previous folder as it was.

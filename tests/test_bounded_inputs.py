@@ -384,7 +384,7 @@ def previous(tmp_path) -> Path:
     out = tmp_path / "out"
     out.mkdir()
     (out / "old_labelIds.png").write_bytes(b"an earlier prediction")
-    (out / "old_overlay.png").write_bytes(b"its overlay")
+    (out / "overlay_old.png").write_bytes(b"its overlay")
     return out
 
 
@@ -426,8 +426,8 @@ def test_a_bad_file_late_in_the_folder_leaves_the_previous_outputs(
 def test_a_good_run_replaces_the_previous_outputs_whole(checkpoint, photos, previous,
                                                           tmp_path):
     assert predict(checkpoint, str(photos), str(previous)) == 0
-    assert sorted(snapshot(previous)) == ["a_labelIds.png", "a_overlay.png",
-                                          "sub/b_labelIds.png", "sub/b_overlay.png"]
+    assert sorted(snapshot(previous)) == ["a_labelIds.png", "overlay_a.png",
+                                          "sub/b_labelIds.png", "sub/overlay_b.png"]
     assert Image.open(previous / "sub" / "b_labelIds.png").size == (40, 40)
     assert leftovers(tmp_path) == []
 

@@ -210,11 +210,28 @@ def test_predict_any_folder(data, tmp_path, monkeypatch):
     assert run("export", "--params", str(params), "--images", str(folder), "--out", str(out),
                cwd=tmp_path, monkeypatch=monkeypatch) == 0
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert written == ["a_labelIds.png", "a_overlay.png", "c_labelIds.png", "c_overlay.png",
-                       "sub/b_labelIds.png", "sub/b_overlay.png"]
+    assert written == ["a_labelIds.png", "c_labelIds.png", "overlay_a.png", "overlay_c.png",
+                       "sub/b_labelIds.png", "sub/overlay_b.png"]
     labels = Image.open(out / "sub" / "b_labelIds.png")
     assert labels.mode == "L" and labels.size == (70, 33)
-    assert Image.open(out / "a_overlay.png").size == (50, 40)
+    assert Image.open(out / "overlay_a.png").size == (50, 40)
+
+
+def test_a_predicted_folder_of_val_images_can_be_scored(data, tmp_path, monkeypatch):
+    """fcn-predict's folder (labelIds and overlays side by side) is what `evaluate
+    --predictions` and the official evaluator accept: one `<city>_<seq>_<frame>*.png` match
+    per image (its overlays used to match too: "several predictions match")."""
+    params = write_params(tmp_path, data)
+    out = tmp_path / "predicted"
+    assert run("export", "--params", str(params), "--images",
+               str(data.root / "leftImg8bit" / "val"), "--out", str(out), cwd=tmp_path,
+               monkeypatch=monkeypatch) == 0
+    assert list(out.rglob("overlay_*.png"))
+    assert run("evaluate", "--params", str(params), "--predictions", str(out), cwd=tmp_path,
+               monkeypatch=monkeypatch) == 0
+    monkeypatch.setenv("CITYSCAPES_RESULTS", str(out))
+    official = official_evaluation(data.val_labels)
+    assert_report_agrees(tmp_path, official)
 
 
 # --- bad input: exit code 1, one line naming the file, nothing (half-)written ----------------

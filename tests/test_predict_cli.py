@@ -47,8 +47,8 @@ def test_installed_command_predicts_a_folder_in_slide_mode(data, photos, tmp_pat
                    "--flip", "--device", "cpu", "--workers", "1", cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     out = elsewhere / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["a_labelIds.png", "a_overlay.png",
-                                                     "b_labelIds.png", "b_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_labelIds.png", "b_labelIds.png",
+                                                     "overlay_a.png", "overlay_b.png"]
     predictor = Predictor(load_model(data.checkpoint), mode="slide", window=(32, 64),
                           stride=(24, 48), scales=(1.0, 0.75), flip_tta=True)
     from fcn.cityscapes.labels import TRAINID_TO_ID

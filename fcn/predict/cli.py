@@ -52,7 +52,7 @@ def with_overrides(export: ExportParams, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fcn-predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", type=Path, help="folder of .png/.jpg/.jpeg images (recursive)")
-    parser.add_argument("out", type=Path, help="where <name>_labelIds.png and _overlay.png go")
+    parser.add_argument("out", type=Path, help="where <name>_labelIds.png and overlay_<name>.png go")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint")
     parser.add_argument("--max-pixels", type=int, default=DataParams().max_pixels,
                         help="refuse images larger than this many pixels, checked from every "

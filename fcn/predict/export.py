@@ -41,8 +41,15 @@ from fcn.threads import WriteBehind
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-FOLDER_SUFFIXES = ("_labelIds.png", "_overlay.png")
-"""What `predict_folder` writes per image: `<name>_labelIds.png` and `<name>_overlay.png`."""
+LABELS_SUFFIX, OVERLAY_PREFIX = "_labelIds.png", "overlay_"
+"""What `predict_folder` writes per image: `<name>_labelIds.png` and `overlay_<name>.png`. The
+overlay's name starts with its prefix so that a search for `<city>_<seq>_<frame>*.png` (the
+official evaluator's, and `evaluate --predictions`'s) finds one file per image in the folder."""
+
+
+def _ours(name: str) -> bool:
+    return name.endswith(LABELS_SUFFIX) or (name.startswith(OVERLAY_PREFIX)
+                                            and name.endswith(".png"))
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,8 @@ def folder_images(folder: Path) -> list[Path]:
 
 
 def _target(folder: Path, image: Path) -> Path:
-    """`<relative folder>/<name>`: the outputs of `image` are this plus FOLDER_SUFFIXES."""
+    """`<relative folder>/<name>`: `image`'s outputs are named after it (LABELS_SUFFIX,
+    OVERLAY_PREFIX)."""
     return image.relative_to(folder).parent / image.stem
 
 
@@ -181,7 +189,7 @@ def _foreign_files(out: Path) -> Iterator[Path]:
     for path in out.rglob("*"):
         if path.is_dir() and not path.is_symlink():
             continue
-        if not (path.is_file() and not path.is_symlink() and path.name.endswith(FOLDER_SUFFIXES)):
+        if not (path.is_file() and not path.is_symlink() and _ours(path.name)):
             yield path
 
 
@@ -221,7 +229,8 @@ def check_folder(folder: str | Path, out: str | Path,
 def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
                    params: ExportParams, max_pixels: int = MAX_PIXELS) -> int:
     """For each image under `folder`, `<out>/<relative path>/<name>_labelIds.png` (uint8 label
-    ids) and `<name>_overlay.png`.
+    ids) and `overlay_<name>.png`: a folder `evaluate --predictions` (and the official
+    evaluator) can score, one match per image.
 
     All or nothing: every input is checked first (`check_folder`), and the predictions are
     written to a new folder beside `out` that replaces it only once complete, so any failure
@@ -243,7 +252,7 @@ def _predict_folder(predictor: Predictor, folder: Path, images: Sequence[Path], 
                 target = tmp / _target(folder, image_path)
                 writer.submit(write_label_png, f"{target}_labelIds.png",
                               TRAINID_TO_ID[train_ids])
-                writer.submit(write_png, f"{target}_overlay.png",
+                writer.submit(write_png, target.parent / f"{OVERLAY_PREFIX}{target.name}.png",
                               blend(image, colorize(train_ids), params.overlay_alpha))
     log.info("wrote predictions of %d images under %s", len(images), out)
     return len(images)

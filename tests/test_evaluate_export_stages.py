@@ -234,6 +234,25 @@ def test_a_predicted_folder_of_val_images_can_be_scored(data, tmp_path, monkeypa
     assert_report_agrees(tmp_path, official)
 
 
+def test_the_documented_official_evaluator_command_runs_in_this_environment(data, tmp_path,
+                                                                            monkeypatch):
+    """docs/pipeline.md's line that scores an export with cityscapesScripts' own evaluator,
+    run as written (paths filled in): it used to fail in .venv (numpy 2.4 has no in1d)."""
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    block = text.split("<!-- official-evaluator -->", 1)[1].split("```bash\n", 1)[1]
+    line = block.split("\n", 1)[0]
+    params = write_params(tmp_path, data)
+    assert run("export", "--params", str(params), "--split", "val", "--out",
+               str(tmp_path / "DIR"), cwd=tmp_path, monkeypatch=monkeypatch) == 0
+    line = (line.replace("data/generated", str(data.generated))
+            .replace(".venv/bin/python", sys.executable))
+    done = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "DIR" / "resultPixelLevelSemanticLabeling.json").read_text())
+    assert 0.2 < result["averageScoreClasses"] < 0.9 and result["averageScoreInstClasses"] > 0
+
+
 # --- bad input: exit code 1, one line naming the file, nothing (half-)written ----------------
 
 

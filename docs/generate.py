@@ -61,7 +61,7 @@ def default_run() -> str:
         f"{synthesize.height}×{synthesize.width} | metrics/masks.json |",
         f"| masks written | {masks['files_written']} ({', '.join(masks['encodings_written'])}) "
         "| metrics/masks.json |",
-        f"| epochs trained | {train['step'] + 1} (best: epoch {train['best']['epoch'] + 1}) "
+        f"| epochs trained | {train['step'] + 1} (best: epoch {train['best']['epoch']}) "
         "| metrics/train/metrics.json |",
         f"| val mIoU (training's validation) | {_f(train['val']['miou'])} "
         "| metrics/train/metrics.json |",

@@ -159,7 +159,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_keeps_the_best(tiny_dataset
     # best after epoch 2; epochs 3, 4, 5 bring no gain: stop after epoch 5 of 8
     assert last["epoch"] == 5 and best["epoch"] == 2 and record["epoch"] == 4
     assert last["stop_reason"].startswith("stopped early after epoch 5: no val mIoU gain for 3")
-    assert record["stopped_early"] == 1 and record["best/epoch"] == 1
+    assert record["stopped_early"] == 1 and record["best/epoch"] == 2  # = best.pt's epoch
     assert "stopped early after epoch 5" in caplog.text
     live = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert live["stopped_early"] == 1
@@ -178,7 +178,7 @@ def test_val_every_validates_every_nth_and_the_last_epoch(tiny_dataset, masks, t
     history = ckpt.load(tmp_path / "models" / "last.pt")["history"]
     assert ["val/miou" in r for r in history] == [False, True, False, True, True]
     assert ckpt.load(tmp_path / "models" / "best.pt")["epoch"] == 2  # the best validated one
-    assert record["best/epoch"] == 1 and math.isclose(record["best/val_miou"], 0.25)
+    assert record["best/epoch"] == 2 and math.isclose(record["best/val_miou"], 0.25)
     val = (tmp_path / "live" / "plots" / "metrics" / "val" / "miou.tsv").read_text()
     assert [line.split("\t")[0] for line in val.splitlines()[1:]] == ["1", "3", "4"]  # step
     train = (tmp_path / "live" / "plots" / "metrics" / "train" / "miou.tsv").read_text()

@@ -336,7 +336,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                     and epoch + 1 < epochs):
                 stopped = (f"stopped early after epoch {epoch + 1}: no val mIoU gain for "
                            f"{t.patience} epochs (best {best_miou:.4f} after epoch {best_epoch + 1})")
-            record.update({"best/val_miou": best_miou, "best/epoch": best_epoch,
+            record.update({"best/val_miou": best_miou, "best/epoch": best_epoch + 1,  # as logged
                            "stopped_early": int(bool(stopped))})
             history.append(record)
             if context.is_main:

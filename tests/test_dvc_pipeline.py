@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import re
 import shutil
 from collections.abc import Iterator
@@ -166,6 +167,15 @@ def test_exp_run_records_an_experiment_that_exp_show_and_metrics_diff_report(
     _skip_if_missing(repo, "evaluate")
     assert "metrics/evaluate.json" in diff, sorted(diff)
     assert "class_iou_mean" in metrics["metrics/evaluate.json"]
+
+    # docs/experiments.md's focused table, run as written: the headline scores only
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
+    line = docs.split("<!-- focused-exp-show -->", 1)[1].split("```bash\n", 1)[1]
+    args = shlex.split(line.split("\n", 1)[0])
+    assert args[:3] == ["dvc", "exp", "show"]
+    header = dvc(repo, *args[1:], "--csv").stdout.splitlines()[0].split(",")
+    assert header[0] == "Experiment" and "class_iou_mean" in header and "best.epoch" in header
+    assert len(header) < 15 and not any(c.startswith(("val.iou.", "system.")) for c in header)
 
     # `dvc exp apply` brings the experiment's model back from the cache
     trained = (repo / "models" / "best.pt").read_bytes()

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import re
+import subprocess
 import sys
 import typing
 from collections.abc import Callable
@@ -39,8 +40,20 @@ BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- 
                    re.DOTALL)
 
 
+SOURCE = {"revision": None}
+"""Where figures are read: the working tree (revision None) or a git revision ("HEAD")."""
+
+
+def _read(relative: str) -> str:
+    """A committed figures file, from the working tree or from SOURCE's revision."""
+    if SOURCE["revision"] is None:
+        return (ROOT / relative).read_text(encoding="utf-8")
+    return subprocess.run(["git", "show", f"{SOURCE['revision']}:{relative}"], cwd=ROOT,
+                          check=True, capture_output=True, text=True).stdout
+
+
 def _metrics(name: str) -> dict[str, Any]:
-    return json.loads((ROOT / "metrics" / name).read_text(encoding="utf-8"))
+    return json.loads(_read(f"metrics/{name}"))
 
 
 def _f(value: float | None, digits: int = 4) -> str:
@@ -120,7 +133,7 @@ def deploy_result() -> str:
 
 def inference_modes() -> str:
     """docs/measured/inference_modes.json (benchmarks/inference_modes.py) as a table."""
-    m = json.loads((ROOT / "docs" / "measured" / "inference_modes.json").read_text("utf-8"))
+    m = json.loads(_read("docs/measured/inference_modes.json"))
     lines = [f"Val of the default synthetic run: {m['images']} images of "
              f"{m['image_size'][0]}×{m['image_size'][1]}, {m['threads']} CPU threads, fp32 "
              f"(`{m['command']}`; slide windows {m['window'][0]}×{m['window'][1]}, stride "
@@ -133,7 +146,7 @@ def inference_modes() -> str:
 
 
 def _measured(name: str) -> dict[str, Any]:
-    return json.loads((ROOT / "docs" / "measured" / name).read_text(encoding="utf-8"))
+    return json.loads(_read(f"docs/measured/{name}"))
 
 
 def loader_throughput() -> str:
@@ -392,14 +405,31 @@ def render() -> dict[Path, str]:
     return out
 
 
+def _committed() -> dict[Path, str] | None:
+    """The docs as HEAD's figures make them (None outside a git checkout)."""
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        return None
+    SOURCE["revision"] = "HEAD"
+    try:
+        return render()
+    finally:
+        SOURCE["revision"] = None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only report stale files")
+    parser.add_argument("--check", action="store_true",
+                        help="only report stale files: a doc is current when it equals what "
+                             "the committed figures (HEAD) make, or what the working tree's "
+                             "make (a `make repro` rewrites the timing files; CI's fresh clone "
+                             "has only the committed ones)")
     args = parser.parse_args()
     stale = []
+    committed = _committed() if args.check else None
     for path, text in render().items():
         current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != text:
+        if current != text and (committed is None or current != committed.get(path)):
             stale.append(path.relative_to(ROOT).as_posix())
             if not args.check:
                 path.write_text(text, encoding="utf-8")

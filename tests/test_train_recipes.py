@@ -209,8 +209,10 @@ def test_per_class_curves_and_system_metrics_are_logged(tiny_dataset, masks, tmp
     assert math.isclose(float(np.nanmean(per_class)), record["val/miou"], rel_tol=1e-12)
     assert [record[f"val/iou/{n}"] for n in CLASS_NAMES] == pytest.approx(per_class,
                                                                          nan_ok=True)
+    timing = tmp_path / "live_timing" / "plots" / "metrics"  # machine figures, apart
     for metric in ("cpu/usage (%).tsv", "ram/usage (%).tsv"):
-        assert (plots / "system" / metric).stat().st_size > 0, metric
+        assert (timing / "system" / metric).stat().st_size > 0, metric
+    assert not (plots / "system").exists() and not (plots / "time").exists()
 
 
 def test_named_class_weights_come_from_the_stage_file(tiny_dataset, masks, tmp_path,

@@ -94,20 +94,36 @@ def scores(result: PassResult, per_class: bool = False) -> dict[str, float]:
     return out
 
 
+def timing_dir_of(live_dir: str | Path) -> Path:
+    """Where the wall-clock figures of a run logged to `live_dir` go: beside it, apart from
+    the scores (`<live_dir>_timing`), so that two runs of the same parameters give identical
+    score files."""
+    return Path(f"{Path(live_dir)}_timing")
+
+
 class LiveLog:
-    """The per-epoch DVCLive log of rank 0, rebuilt from the checkpoint's history; with
-    `monitor_system`, DVCLive's CPU/RAM/GPU monitor runs from then on. `compute`: the math
-    the run trains with, written into its summary (metrics.json) as `compute.*`."""
+    """The per-epoch DVCLive logs of rank 0, rebuilt from the checkpoint's history: the
+    scores in `directory` (identical files for identical runs), and the wall-clock figures
+    (`time/*`, and with `monitor_system` DVCLive's CPU/RAM/GPU samples from then on) in
+    `timing_directory`. `compute`: the math the run trains with, written into the scores'
+    summary (metrics.json) as `compute.*`."""
 
     def __init__(self, directory: str | Path, history: list[dict[str, Any]],
-                 monitor_system: bool = False, compute: dict[str, Any] | None = None) -> None:
+                 monitor_system: bool = False, compute: dict[str, Any] | None = None,
+                 timing_directory: str | Path | None = None,
+                 timing_history: list[dict[str, Any]] = ()) -> None:
         from dvclive import Live  # imported here: only rank 0 of a training run needs it
 
         self.live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, resume=False)
+        timing = Path(timing_directory) if timing_directory else timing_dir_of(directory)
+        timing.mkdir(parents=True, exist_ok=True)
+        self.timing = Live(dir=str(timing), dvcyaml=False, save_dvc_exp=False, resume=False)
         if compute is not None:  # how the numbers were computed (fcn.backends.flags)
             self.live.summary["compute"] = dict(compute)
         for record in history:
             self.log(record)
+        for record in timing_history:
+            self.log_times(record)
         if monitor_system:  # after the replay, so old epochs get no samples of this run
             if not torch.cuda.is_available():
                 # pynvml comes with dvclive even where no NVIDIA driver is: without this its
@@ -115,9 +131,19 @@ class LiveLog:
                 import dvclive.monitor_system
 
                 dvclive.monitor_system.GPU_AVAILABLE = False
-            self.live.monitor_system()
+            self.timing.monitor_system()
+
+    def log_times(self, record: dict[str, Any]) -> None:
+        """An epoch's `time/*` figures, to the timing log."""
+        self.timing.step = record["epoch"]
+        for name in TIMES:
+            key = f"time/{name}"
+            if key in record:
+                self.timing.log_metric(key, record[key])
+        self.timing.next_step()
 
     def log(self, record: dict[str, Any]) -> None:
+        """An epoch's scores, to the scores' log (its `time/*`, if any, go nowhere here)."""
         self.live.step = record["epoch"]
         for split in ("train", "val"):  # val is absent from epochs train.val_every skips
             for name in METRICS:
@@ -127,10 +153,6 @@ class LiveLog:
             key = f"val/iou/{name}"
             if key in record:
                 self.live.log_metric(key, record[key])
-        for name in TIMES:
-            key = f"time/{name}"
-            if key in record:
-                self.live.log_metric(key, record[key])
         self.live.log_metric("lr", record["lr"])
         self.live.log_metric("best/val_miou", record["best/val_miou"], plot=False)
         self.live.log_metric("best/epoch", record["best/epoch"], plot=False)
@@ -138,13 +160,14 @@ class LiveLog:
         self.live.next_step()
 
     def close(self) -> None:
-        """Write the final summary and stop the system monitor."""
+        """Write the final summaries and stop the system monitor."""
         self.live.end()
+        self.timing.end()
 
     def abort(self) -> None:
         """Stop the system monitor only (a failed run: its thread must not keep the process
         alive); the files stay as the last good epoch left them."""
-        monitor = getattr(self.live, "_system_monitor", None)
+        monitor = getattr(self.timing, "_system_monitor", None)
         if monitor is not None:
             monitor.end()
 
@@ -181,7 +204,8 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     checkpoint of other data is not resumed; `class_weights_file`: the class_weights stage's
     output, read when train.class_weights names a scheme; `decoded`: the decode stage's cache,
     read instead of the PNGs (the same samples either way); `max_pixels`: data.max_pixels;
-    `live_dir` None: no DVCLive log (checkpoints only).
+    `live_dir`: the scores' DVCLive folder (its wall-clock figures go to `<live_dir>_timing`);
+    None: no DVCLive log (checkpoints only).
 
     The run computes inside `fcn.backends.training_mode` (deterministic on a CPU, cuDNN
     autotuning on CUDA, TF32 only for precision tf32), and leaves the switches as it found
@@ -263,7 +287,8 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     criterion = build_criterion(class_weights, device)
 
     state, finished_in_out = resume.resume_point(directory, out, hashed, epochs)
-    history: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = []  # scores only: checkpoints hold no wall-clock figure
+    timing_history: list[dict[str, Any]] = []
     start_epoch, best_miou, best_epoch, stopped = 0, math.nan, -1, ""
     if state is not None:
         model.load_state_dict(state["model"])
@@ -274,6 +299,9 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                                               state["best_epoch"])
         stopped = state.get("stop_reason", "")
         history = list(state["history"])
+        if not finished_in_out:  # the epochs this run's state folder timed, up to last.pt's
+            timing_history = [r for r in resume.read_timings(directory)
+                              if r.get("epoch", start_epoch) < start_epoch]
         ckpt.set_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)], device)
     else:
         seed_everything(t.seed + context.rank)  # per-rank streams (dropout, if any)
@@ -285,7 +313,8 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     if t.compile:  # the training model only: validation runs the eager `model`
         log.info("train.compile: compiling the training model (the first step takes longer)")
         net = torch.compile(net)
-    live = (LiveLog(live_dir, history, t.monitor_system, compute)
+    live = (LiveLog(live_dir, history, t.monitor_system, compute,
+                    timing_history=timing_history)
             if context.is_main and live_dir is not None else None)
     if stopped or start_epoch >= epochs:
         log.info("%s: nothing to do", stopped or f"all {epochs} epochs already trained")
@@ -338,7 +367,9 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                            f"{t.patience} epochs (best {best_miou:.4f} after epoch {best_epoch + 1})")
             record.update({"best/val_miou": best_miou, "best/epoch": best_epoch + 1,  # as logged
                            "stopped_early": int(bool(stopped))})
-            history.append(record)
+            history.append({k: v for k, v in record.items() if not k.startswith("time/")})
+            timing_history.append({k: v for k, v in record.items()
+                                   if k == "epoch" or k.startswith("time/")})
             if context.is_main:
                 state = ckpt.training_state(
                     model=model, model_params=model_params, epoch=epoch + 1,
@@ -347,9 +378,11 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                     hashed=hashed, rng=gather_rng_states(context), stop_reason=stopped)
                 if improved:
                     ckpt.save(directory / ckpt.BEST, ckpt.best_subset(state))
+                resume.write_timings(directory, timing_history)  # before last.pt, the commit
                 ckpt.save(directory / ckpt.LAST, state)
                 if live is not None:
                     live.log(record)
+                    live.log_times(timing_history[-1])
             else:
                 gather_rng_states(context)
             _log_epoch(record, epochs, time.perf_counter() - started)

@@ -35,6 +35,26 @@ log = logging.getLogger(__name__)
 LOCK = "lock"
 PARAMS = "params.json"
 """A readable copy of the hashed parameters, so a user can tell state folders apart."""
+TIMINGS = "timings.json"
+"""The run's per-epoch wall-clock figures (`time/*`): kept here, not in the checkpoints, so
+that identical runs give identical checkpoints; a resumed run logs them again."""
+
+
+def write_timings(directory: Path, records: list[dict[str, Any]]) -> None:
+    """The per-epoch timing records of the run in `directory` (atomic)."""
+    write_json(directory / TIMINGS, records)
+
+
+def read_timings(directory: Path | None) -> list[dict[str, Any]]:
+    """What `write_timings` left (a run resumed from `directory`); [] when there is none or it
+    cannot be read (timings are not worth refusing a resume for)."""
+    if directory is None:
+        return []
+    try:
+        records = json.loads((directory / TIMINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return records if isinstance(records, list) else []
 
 
 def default_resume_root() -> Path:

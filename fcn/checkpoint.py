@@ -195,10 +195,20 @@ def check_finite(path: str | Path, checkpoint: dict[str, Any]) -> None:
     model predicts garbage, and a resumed run would train on from it."""
     for name, tensor in _tensors({k: checkpoint[k] for k in ("model", "optimizer")
                                   if k in checkpoint}):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_meta or tensor.is_nested or tensor.layout != torch.strided:
+            kind = ("meta" if tensor.is_meta else "nested" if tensor.is_nested
+                    else str(tensor.layout).removeprefix("torch."))
+            raise DataError(f"{path}: tensor {name} is not a plain dense tensor ({kind}); not "
+                            "a checkpoint this project writes")
+        if (tensor.is_floating_point() or tensor.is_complex()) \
+                and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise DataError(f"{path}: tensor {name} holds {bad} NaN or infinite value(s) of "
                             f"{tensor.numel()}; the weights diverged (use an earlier checkpoint)")
+        if name.startswith("model.") and name.endswith("running_var") \
+                and bool((tensor < 0).any()):
+            raise DataError(f"{path}: tensor {name} holds a negative variance (batch norm would "
+                            "compute NaN); not a checkpoint this project writes")
 
 
 def load(path: str | Path, hint: str = "delete it to start training afresh") -> dict[str, Any]:
@@ -239,25 +249,32 @@ def model_params_of(path: str | Path, stored: Any) -> ModelParams:
 def check_shapes(path: str | Path, weights: Mapping[str, Any], params: ModelParams,
                  num_classes: int) -> None:
     """The checkpoint's tensors against the architecture `params` describe, compared on the
-    meta device (nothing allocated): one line naming what is missing, unexpected or of
-    another shape."""
+    meta device (nothing allocated): one line naming what is missing, unexpected, or of another
+    shape or dtype (a float64 or complex weight would be cast on loading: 1e300 becomes inf)."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in FCN8s(params.backbone, num_classes,
-                                                         params.fc67,
-                                                         params.fc_channels).state_dict().items()}
-    stored = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+        skeleton = FCN8s(params.backbone, num_classes, params.fc67,
+                         params.fc_channels).state_dict()
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.items()}
+    stored = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()
+              if isinstance(v, torch.Tensor)}
     problems = []
     missing = [k for k in expected if k not in stored]
-    unexpected = [k for k in stored if k not in expected]
+    unexpected = [k for k in weights if k not in expected]
     if missing:
         problems.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
-    shapes = [k for k in expected if k in stored and stored[k] != expected[k]]
+    shapes = [k for k in expected if k in stored and stored[k][0] != expected[k][0]]
     if shapes:
         k = shapes[0]
         problems.append(f"{len(shapes)} tensor(s) of another shape, e.g. {k} is "
-                        f"{list(stored[k])} in the file, {list(expected[k])} in the model")
+                        f"{list(stored[k][0])} in the file, {list(expected[k][0])} in the model")
+    dtypes = [k for k in expected if k in stored and stored[k][1] != expected[k][1]]
+    if dtypes:
+        k = dtypes[0]
+        problems.append(f"{len(dtypes)} tensor(s) of another dtype, e.g. {k} is "
+                        f"{str(stored[k][1]).removeprefix('torch.')} in the file, "
+                        f"{str(expected[k][1]).removeprefix('torch.')} in the model")
     if problems:
         raise DataError(f"{path}: weights do not fit FCN8s/{params.backbone} "
                         f"(fc67={params.fc67}): {'; '.join(problems)}")

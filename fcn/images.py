@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fcn.atomic import atomic_path, write_bytes
 from fcn.errors import DataError
@@ -32,6 +32,9 @@ from fcn.png import HEADER_BYTES, decode_png_array, encode_png, png_size
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: the masks stage never needs it
     import torch
+
+ORIENTATION: Final = 0x0112
+"""The EXIF tag of a photo's orientation (1 = as stored)."""
 
 MAX_PIXELS: Final = 2**26
 """The default of every reader's `max_pixels` and of `data.max_pixels` (fcn.params, which
@@ -91,9 +94,11 @@ def to_8_bits(values: np.ndarray, path: str | Path, what: str) -> np.ndarray:
 
 
 def read_rgb(path: str | Path, what: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3); refused above `max_pixels` before decoding.
-    16-bit images keep their high byte (`to_8_bits`); floating-point ones are refused."""
-    with _open_image(path, what, max_pixels) as image:
+    """An image file as uint8 RGB (H, W, 3), the way viewers show it (its EXIF orientation
+    applied: phone photos); refused above `max_pixels` before decoding. 16-bit images keep
+    their high byte (`to_8_bits`); floating-point ones are refused."""
+    with _open_image(path, what, max_pixels) as opened:
+        image = ImageOps.exif_transpose(opened) if _rotated(opened) else opened
         if image.mode in SIXTEEN_BIT_MODES:
             grey = to_8_bits(np.asarray(image), path, what)
             return np.repeat(grey[..., None], 3, axis=2)
@@ -122,6 +127,9 @@ def read_labels(path: str | Path, what: str, max_pixels: int = MAX_PIXELS) -> np
     if array.ndim != 2:
         raise DataError(f"{path}: {what} has {array.shape[-1]} channels (mode {mode}); expected "
                         "one channel of label ids")
+    if mode == "P":
+        raise DataError(f"{path}: {what} is a palette image (mode P, colours), not a grey image "
+                        "of label ids")
     if array.dtype == bool:
         array = array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
@@ -136,13 +144,24 @@ def read_rgba(path: str | Path, what: str, max_pixels: int = MAX_PIXELS) -> np.n
         return np.asarray(image if image.mode == "RGBA" else image.convert("RGBA"))
 
 
+def _rotated(image: Image.Image) -> bool:
+    """Whether the image's EXIF orientation turns or mirrors it (2..8)."""
+    try:
+        return image.getexif().get(ORIENTATION, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        return False
+
+
 def read_size(path: str | Path, what: str = "image",
               max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels; a file that does
-    not open as an image, or is larger than `max_pixels`, is a DataError (the cheap check of
-    every input before work)."""
+    """(width, height) as `read_rgb` returns the image (its EXIF orientation applied), from
+    the file's header, without decoding the pixels; a file that does not open as an image, or
+    is larger than `max_pixels`, is a DataError (the cheap check of every input before work)."""
     with _open_image(path, what, max_pixels) as image:
-        return image.size
+        width, height = image.size
+        if _rotated(image) and image.getexif().get(ORIENTATION) in (5, 6, 7, 8):
+            return height, width  # turned by 90 degrees
+        return width, height
 
 
 def read_tensor(path: str | Path, channels: int, what: str = "image",

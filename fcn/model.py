@@ -180,6 +180,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a state dict, got {type(state).__name__}")
+    for name, tensor in state.items():  # a NaN would stop training at step 1 as "diverged"
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.is_nested \
+                or tensor.layout != torch.strided:
+            raise DataError(f"{path}: {name} is not a plain dense tensor")
+        if (tensor.is_floating_point() or tensor.is_complex()) \
+                and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"{path}: backbone weight {name} holds NaN or infinite values")
     return state
 
 

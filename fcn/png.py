@@ -87,6 +87,8 @@ def _chunks(data: bytes) -> tuple[bytes, list[bytes]]:
         if zlib.crc32(kind + body) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
             raise PngError(f"broken data stream: CRC error in {kind.decode('latin-1')} chunk")
         if kind == b"IHDR":
+            if pos != len(SIGNATURE):  # the size checked before decoding is the first's
+                raise PngError("malformed PNG: an IHDR chunk that is not the first chunk")
             header = body
         elif kind == b"IDAT":
             idat.append(body)
@@ -188,6 +190,10 @@ def decode_png_array(data: bytes) -> tuple[np.ndarray, str]:
         decoded = _decode_fast(data)
         if decoded is not None:
             return decoded
+        header, _ = _chunks(data)  # every chunk checked: PIL would follow a second IHDR
+        if len(header) == 13 and header[9] == _GREY and header[8] in (2, 4):
+            raise PngError(f"{header[8]}-bit grey PNG: PIL scales its samples to 8 bits "
+                           "(an id 1 reads as 17); label PNGs must be 1-, 8- or 16-bit")
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image), image.mode
 

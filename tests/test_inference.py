@@ -273,3 +273,47 @@ def test_non_finite_checkpoint_tensors_are_refused_in_one_line(model, tmp_path, 
     if where == "model":
         with pytest.raises(DataError, match="NaN or infinite"):  # what deploy and evaluate load
             load_model(path)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("negative variance", "to_pool3.1.running_var holds a negative variance"),
+    ("float64 weight", "1 tensor(s) of another dtype, e.g. to_pool3.0.weight is float64 in "
+                       "the file, float32 in the model"),
+    ("complex weight", "tensor model.to_pool3.0.weight holds 1 NaN or infinite value(s)"),
+    ("meta tensor", "tensor model.to_pool3.0.weight is not a plain dense tensor (meta)"),
+    ("sparse tensor", "tensor model.to_pool3.0.weight is not a plain dense tensor (sparse_coo)"),
+])
+def test_weights_that_would_predict_nan_are_refused_however_they_hide(model, tmp_path, damage,
+                                                                      words):
+    """Each passed the finiteness check and made every prediction 'road' (issue 20)."""
+    path = save_checkpoint(tmp_path / "best.pt", model)
+    checkpoint = torch.load(path, weights_only=True)
+    weights = checkpoint["model"]
+    if damage == "negative variance":
+        weights["to_pool3.1.running_var"][0] = -1.0
+    elif damage == "float64 weight":
+        weights["to_pool3.0.weight"] = weights["to_pool3.0.weight"].double()
+        weights["to_pool3.0.weight"][0, 0, 0, 0] = 1e300
+    elif damage == "complex weight":
+        complex_ = weights["to_pool3.0.weight"].to(torch.complex64)
+        complex_[0, 0, 0, 0] = complex(math.nan, 0)
+        weights["to_pool3.0.weight"] = complex_
+    elif damage == "meta tensor":
+        weights["to_pool3.0.weight"] = weights["to_pool3.0.weight"].to("meta")
+    else:
+        weights["to_pool3.0.weight"] = weights["to_pool3.0.weight"].to_sparse()
+    torch.save(checkpoint, path)
+    with pytest.raises(DataError) as error:
+        load_model(path)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_predictor_refuses_to_argmax_non_finite_logits():
+    from fcn.predict.predictor import Predictor
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 19, *x.shape[2:]), math.nan)
+
+    with pytest.raises(FcnError, match="outputs hold NaN or infinite values"):
+        Predictor(Broken())(np.zeros((1, 8, 8, 3), np.uint8))

@@ -3,6 +3,8 @@ backbone weights from a path, and the clear error for missing ImageNet weights."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,17 @@ def test_backbone_weights_load_from_a_path(tmp_path):
     for index, (theirs, mine) in enumerate(zip(vgg.features, ours)):
         for (name, a), (_, b) in zip(theirs.state_dict().items(), mine.state_dict().items()):
             assert torch.equal(a, b), f"features.{index}.{name}"
+
+
+def test_backbone_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
+    """A NaN here used to stop training at its first step as "diverged: lower train.lr"."""
+    state = {"features.0.weight": torch.zeros(64, 3, 3, 3),
+             "features.0.bias": torch.tensor([0.0, math.nan])}
+    path = tmp_path / "vgg11_bn.pth"
+    torch.save(state, path)
+    with pytest.raises(DataError, match=rf"^{path}: backbone weight features.0.bias holds NaN "
+                                        "or infinite values$"):
+        build_model(ModelParams(backbone="vgg11_bn", weights=str(path)))
 
 
 def test_backbone_weights_of_another_vgg_are_refused_naming_the_problem(tmp_path):

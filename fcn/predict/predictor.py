@@ -31,6 +31,7 @@ from torch import nn
 from fcn.backends import flags, inference_mode
 from fcn.checkpoint import load_model
 from fcn.device import autocast, autocast_dtype, empty_cache, resolve_device, to_model_input
+from fcn.errors import FcnError
 from fcn.params import InferenceParams, ModelParams
 from fcn.threads import read_ahead
 
@@ -160,7 +161,12 @@ class Predictor:
             return self._scores(x, mode or self.mode)
 
     def _labels(self, batch: torch.Tensor, mode: str) -> np.ndarray:
-        return self.scores(batch, mode).argmax(1).to(torch.uint8).cpu().numpy()
+        scores = self.scores(batch, mode)
+        if not bool(torch.isfinite(scores).all()):  # argmax would say "class 0" everywhere
+            raise FcnError(f"the model's outputs hold NaN or infinite values (precision "
+                           f"{self.precision}: fp16 can overflow, try bf16 or fp32; or the "
+                           "weights are damaged)")
+        return scores.argmax(1).to(torch.uint8).cpu().numpy()
 
     def _free(self) -> None:
         gc.collect()

@@ -16,12 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fcn.cityscapes import layout
 from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
 from fcn.errors import DataError
-from fcn.images import MAX_PIXELS, read_size, read_tensor
+from fcn.images import MAX_PIXELS, read_labels, read_size, read_tensor
+from fcn.png import SIGNATURE
 
 MASK_ENCODING = "labelTrainIds"
 
@@ -47,6 +49,11 @@ def find_pairs(root: str | Path, generated: str | Path, split: str,
         mask = layout.mask_path(generated, split, layout.stem_of(image), MASK_ENCODING)
         if not mask.is_file():
             raise DataError(f"{mask}: mask missing for image {image} (run the masks stage)")
+        for path, what in ((image, "image"), (mask, "mask")):  # the decoder is PNG-only
+            with path.open("rb") as file:
+                if not file.read(len(SIGNATURE)).startswith(SIGNATURE):
+                    raise DataError(f"{path}: {what} is not a PNG file (training decodes "
+                                    "PNG only; convert it, keeping the name)")
         image_size = read_size(image, "image", max_pixels)
         mask_size = read_size(mask, "mask", max_pixels)
         if image_size != mask_size:
@@ -60,7 +67,7 @@ def check_train_ids(mask: torch.Tensor, path: Path) -> None:
     """Every value a class (0..18) or ignore (255), else a DataError naming the file."""
     bad = (mask >= NUM_CLASSES) & (mask != IGNORE_INDEX)
     if bad.any():
-        value = int(mask[bad][0])
+        value = int(mask[bad].min())
         raise DataError(f"{path}: trainId {value} is neither a class "
                         f"(0..{NUM_CLASSES - 1}) nor ignore ({IGNORE_INDEX})")
 
@@ -68,7 +75,10 @@ def check_train_ids(mask: torch.Tensor, path: Path) -> None:
 def load_pair(pair: Pair, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (uint8[3, H, W]) and its trainId mask (uint8[H, W]), decoded and checked."""
     image = read_tensor(pair.image, 3, "image", max_pixels)
-    mask = read_tensor(pair.mask, 1, "mask", max_pixels)[0]
+    labels = read_labels(pair.mask, "mask", max_pixels)  # label values as stored (any depth)
+    if labels.size and int(labels.max()) > 255:
+        check_train_ids(torch.from_numpy(labels.astype(np.int64)), pair.mask)
+    mask = torch.from_numpy(labels.astype(np.uint8))
     if image.shape[-2:] != mask.shape or tuple(mask.shape) != pair.size:
         raise DataError(f"image {pair.image} is {tuple(image.shape[-2:])} but its mask "
                         f"{pair.mask} is {tuple(mask.shape)} (height, width; headers said "

@@ -371,3 +371,27 @@ def test_stage_script_exit_code_and_message(data, tmp_path):
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "nowhere/best.pt: checkpoint not found" in errors[0]
     assert not (tmp_path / "metrics").exists()
+
+
+def test_scoring_files_checks_each_image_against_its_ground_truth_first(data, tmp_path,
+                                                                        monkeypatch, caplog):
+    """A val image of another size than its ground truth: one line before any scoring (it
+    used to crash with a traceback while drawing the sample panels, after scoring)."""
+    import shutil as sh
+
+    root = tmp_path / "root"
+    sh.copytree(data.root, root)
+    image = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    Image.open(image).resize((64, 32)).save(image)
+    params = write_params(tmp_path, data)
+    raw = yaml.safe_load(params.read_text())
+    raw["data"]["root"] = str(root)
+    params.write_text(yaml.safe_dump(raw))
+    assert run("export", "--params", str(params), "--split", "val", "--out",
+               str(tmp_path / "exported"), cwd=tmp_path, monkeypatch=monkeypatch) == 0
+    caplog.clear()
+    assert run("evaluate", "--params", str(params), "--predictions",
+               str(tmp_path / "exported"), cwd=tmp_path, monkeypatch=monkeypatch) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"{image}: image is 64x32 but its ground "
+                                                     "truth"), errors

@@ -199,6 +199,27 @@ def test_trainids_instead_of_ids_are_caught(one_image, tmp_path):
         evaluate_files([EvalFiles(pred, labels, instances)])
 
 
+def test_trainids_a_model_writes_are_caught_too(one_image, tmp_path):
+    """A model's argmax never holds 255: a trainId map is then all valid label ids (0..18)
+    and used to score about 0.0 without a word, here and in the official evaluator."""
+    labels, instances, gt = one_image
+    train_ids = ID_TO_TRAINID[gt]
+    pred = _write(tmp_path / "x_pred.png", np.where(train_ids == 255, 0, train_ids))
+    with pytest.raises(DataError) as info:
+        evaluate_files([EvalFiles(pred, labels, instances)])
+    message = str(info.value)
+    assert message.startswith(f"{pred}: ") and "look like trainIds" in message, message
+    assert "TRAINID_TO_ID" in message and "\n" not in message
+
+
+def test_a_palette_image_is_not_label_ids(one_image, tmp_path):
+    labels, instances, gt = one_image
+    pred = tmp_path / "x_pred.png"
+    Image.fromarray(gt).convert("RGB").quantize(20).save(pred)
+    with pytest.raises(DataError, match=r"x_pred\.png: prediction is a palette image"):
+        evaluate_files([EvalFiles(pred, labels, instances)])
+
+
 def test_prediction_with_several_channels(one_image, tmp_path):
     labels, instances, gt = one_image
     pred = _write(tmp_path / "x_pred.png", np.stack([gt] * 3, axis=-1))

@@ -412,4 +412,27 @@ def evaluate_files(files: Sequence[EvalFiles], instance_scores: bool = True,
                                                       unit="img", leave=False):
         evaluator.add(prediction, labels, instances,
                       names=(str(item.prediction), str(item.labels), str(item.instances)))
+    check_not_train_ids(evaluator.confusion, [str(f.prediction) for f in files])
     return evaluator.scores()
+
+
+MOSTLY_UNSCORED = 0.5
+"""Share of predicted pixels on label ids that no class is scored on (the void and ignored
+labels) above which prediction files are refused: such files are trainIds or colour indices,
+which the official evaluator scores silently as near 0."""
+
+
+def check_not_train_ids(confusion: np.ndarray, predictions: Sequence[str]) -> None:
+    """Refuse predictions whose pixels are mostly label ids no class is scored on: a trainId
+    map (road = 0, sidewalk = 1, …) passes the id check (0..18 are label ids too) and would be
+    scored as void everywhere."""
+    total = int(confusion.sum())
+    unscored = int(confusion[:, ~_EVALUATED].sum())
+    if total and unscored > MOSTLY_UNSCORED * total:
+        ids = [int(i) for i in np.flatnonzero(~_EVALUATED)]
+        where = (predictions[0] if len(predictions) == 1
+                 else f"{len(predictions)} predictions (e.g. {predictions[0]})")
+        raise DataError(f"{where}: {unscored / total:.0%} of the predicted pixels are label "
+                        f"ids no class is scored on ({ids}): they look like trainIds or colour "
+                        "indices; predictions must be label ids (trainId -> label id: "
+                        "fcn.cityscapes.labels.TRAINID_TO_ID, as stages/export.py writes them)")

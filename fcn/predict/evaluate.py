@@ -24,7 +24,8 @@ from fcn.cityscapes.labels import EVAL_LABELS, ID_TO_TRAINID, TRAINID_TO_ID
 from fcn.cityscapes.layout import list_images, stem_of
 from fcn.cityscapes.scoring import (CityscapesEvaluator, CityscapesScores, EvalFiles,
                                     evaluate_files, ground_truth_files, match_predictions)
-from fcn.images import MAX_PIXELS, read_labels, read_rgb, write_png
+from fcn.errors import DataError
+from fcn.images import MAX_PIXELS, read_labels, read_rgb, read_size, write_png
 from fcn.params import EvaluateParams, ModelParams
 from fcn.predict.predictor import Predictor, predict_stream
 from fcn.predict.visualize import confusion_heatmap, sample_panel, spread
@@ -117,6 +118,12 @@ def evaluate_exported(predictions: str | Path, root: str | Path, truth_root: str
     stems = [stem_of(p) for p in images]
     truth = ground_truth_files(truth_root, SPLIT, stems)
     found = match_predictions(predictions, [labels for labels, _ in truth])
+    for image, (labels, _) in zip(images, truth):  # the panels show image | truth | prediction
+        image_size = read_size(image, "image", max_pixels)
+        truth_size = read_size(labels, "ground-truth labelIds", max_pixels)
+        if image_size != truth_size:
+            raise DataError(f"{image}: image is {image_size[0]}x{image_size[1]} but its ground "
+                            f"truth {labels} is {truth_size[0]}x{truth_size[1]}")
     files = [EvalFiles(p, labels, instances) for p, (labels, instances) in zip(found, truth)]
     scores = evaluate_files(files, instance_scores=True, workers=params.workers,
                             max_pixels=max_pixels)

@@ -295,3 +295,28 @@ def test_a_nan_is_caught_at_the_next_interval_naming_its_iteration(tiny_dataset,
                              scheduler, grad_scaler(CPU.device, "fp32"), CPU, "fp32", 0,
                              check_every=3)
     assert len(seen) == 3 and len(loader) == 6  # stopped at the check, not the epoch's end
+
+
+def test_a_batch_with_no_labelled_pixel_is_not_a_divergence():
+    """A crop of ego vehicle and out-of-ROI is all 255: its loss used to be NaN, which stopped
+    training as "diverged: lower train.lr". Now it counts 0 and gives no gradient; and the
+    loss of an ordinary batch is nn.CrossEntropyLoss's, bit for bit."""
+    torch.manual_seed(0)
+    model = FCN8s("vgg11_bn")
+    params = TrainParams()
+    optimizer = build_optimizer(model, params)
+    criterion = build_criterion(None, CPU.device)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    labelled = torch.randint(0, 19, (2, 32, 32), dtype=torch.uint8)
+    ignored = torch.full((2, 32, 32), 255, dtype=torch.uint8)
+    batches = [[images, labelled], [images, ignored], [images, labelled]]
+    result = train_one_epoch(model, batches, criterion, optimizer,
+                             build_scheduler(optimizer, params, 3), grad_scaler(CPU.device, "fp32"),
+                             CPU, "fp32", 0)
+    assert math.isfinite(result.loss)
+    logits = torch.randn(2, 19, 8, 8)
+    target = torch.randint(0, 19, (2, 8, 8))
+    target[0, :4] = 255
+    assert torch.equal(criterion(logits, target),
+                       torch.nn.CrossEntropyLoss(ignore_index=255)(logits, target))
+    assert criterion(logits, torch.full_like(target, 255)) == 0

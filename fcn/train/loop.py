@@ -100,13 +100,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams,
         lambda it: poly_factor(it, total, params.poly_power, params.warmup_iters))
 
 
+class SegmentationLoss(nn.Module):
+    """Cross-entropy over trainIds, ignoring 255, with per-class weights if given: the
+    weighted mean over labelled pixels, as `nn.CrossEntropyLoss` computes it (bit for bit
+    without weights), except that a batch with no labelled pixel (a crop of ego vehicle and
+    out-of-ROI, all 255) has loss 0 and no gradient instead of NaN, which would stop training
+    as "diverged". Computed without reading anything back."""
+
+    def __init__(self, weight: torch.Tensor | None = None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = nn.functional.cross_entropy(logits, target, weight=self.weight,
+                                            ignore_index=self.ignore_index, reduction="sum")
+        valid = target != self.ignore_index
+        if self.weight is None:
+            labelled = valid.sum().to(total.dtype)
+        else:
+            labelled = torch.where(valid, self.weight[target.clamp(0, len(self.weight) - 1)],
+                                   0.0).sum().to(total.dtype)
+        return total / torch.where(labelled > 0, labelled, torch.ones_like(labelled))
+
+
 def build_criterion(class_weights: Sequence[float] | None,
-                    device: torch.device) -> nn.CrossEntropyLoss:
-    """Cross-entropy over trainIds, ignoring 255, with per-class weights if given."""
+                    device: torch.device) -> SegmentationLoss:
+    """The training loss (`SegmentationLoss`), with per-class weights if given."""
     weight = None
     if class_weights is not None:
         weight = torch.tensor(list(class_weights), dtype=torch.float32, device=device)
-    return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
+    return SegmentationLoss(weight)
 
 
 def to_device(batch: Sequence[torch.Tensor],
@@ -275,7 +300,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, loader: Iterable, criterion: nn.CrossEntropyLoss,
+def validate(model: nn.Module, loader: Iterable, criterion: SegmentationLoss,
              context: Context, precision: str, num_classes: int = NUM_CLASSES,
              desc: str = "val") -> PassResult:
     """Whole-image validation: the loss is the (class-weighted) mean over every labelled

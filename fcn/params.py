@@ -276,9 +276,10 @@ def _check_relations(params: Params, problems: list[str]) -> None:
                         f"no annotations), got {t.splits}")
     if isinstance(t.class_weights, list) and (
         len(t.class_weights) != NUM_CLASSES or min(t.class_weights) < 0
+        or max(t.class_weights) > 1e6 or not any(w > 0 for w in t.class_weights)
     ):
-        problems.append(f"train.class_weights: expected {NUM_CLASSES} non-negative numbers or null, "
-                        f"got {t.class_weights}")
+        problems.append(f"train.class_weights: expected {NUM_CLASSES} numbers from 0 to 1e6, "
+                        f"not all 0 (or null), got {t.class_weights}")
     s = params.synthesize
     for split in ("train", "val", "test"):
         cities = getattr(s, f"{split}_cities")
@@ -375,6 +376,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: not UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML recognises but cannot build
+        raise ParamsError(f"{path}: a value YAML cannot read "
+                          f"({' '.join(str(exc).split())[:200]})") from None
     return parse_params(raw, str(path))
 
 

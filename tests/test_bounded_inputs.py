@@ -305,6 +305,9 @@ def test_annotation_files_are_bounded_and_parsed_safely(tmp_path, monkeypatch):
     polygons.write_text("[" * 100_000)
     with pytest.raises(DataError, match=r"malformed JSON: nested too deeply"):
         read_annotation(polygons)
+    polygons.write_text('{"imgHeight": ' + "9" * 5000 + "}")  # int() refuses 4300+ digits
+    with pytest.raises(DataError, match=rf"^{polygons}: malformed JSON: "):
+        read_annotation(polygons)
 
 
 # --- the evaluator: predictions above the limit ----------------------------------------------
@@ -335,8 +338,9 @@ def test_evaluator_refuses_predictions_above_the_limit(tiny_dataset, scored, tmp
         words = f"{target}: prediction {HUGE_WORDS}"
     else:
         extra = {"max_pixels": 1000}
-        target = sorted(predictions.iterdir())[0]  # the first file read is refused
-        words = f"{target}: prediction is 128x64 (8192 pixels), more than the limit of 1000"
+        # the first file read is refused: the first val image (checked against its truth)
+        first = sorted((tiny_dataset / "leftImg8bit" / "val").rglob("*.png"))[0]
+        words = f"{first}: image is 128x64 (8192 pixels), more than the limit of 1000"
     params = write_params(tmp_path, tiny_dataset, **extra)
     raw = yaml.safe_load(params.read_text())
     raw["data"]["generated"] = str(generated)

@@ -66,3 +66,22 @@ def test_bad_masks_and_files_are_one_line_errors(tmp_path):
     broken.write_text(json.dumps({"enet": [1.0] * 5}))
     with pytest.raises(DataError, match="'enet' is not 19"):
         read_class_weights(broken, "enet")
+
+
+@pytest.mark.parametrize("weights", [
+    [0.0] * 19,                 # all zero: every pixel's loss is 0/0
+    [1.0] * 18 + [1e7],         # above MAX_WEIGHT: the float32 loss overflows
+    [1.0] * 18 + [True],        # a boolean is not a weight
+    [1.0] * 18 + [-0.5],
+    [1.0] * 18 + [float("nan")],
+])
+def test_weights_the_loss_cannot_use_are_refused_in_one_line(tmp_path, weights):
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"enet": weights}))
+    with pytest.raises(DataError) as info:
+        read_class_weights(path, "enet")
+    assert str(info.value) == (f"{path}: 'enet' is not 19 weights, each a number from 0 to 1e+06, "
+                               "not all 0")
+    one_zero = [1.0] * 18 + [0.0]  # a zero weight for one class is allowed (the class is ignored)
+    path.write_text(json.dumps({"enet": one_zero}))
+    assert read_class_weights(path, "enet") == one_zero

@@ -110,6 +110,21 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_params(tmp_path / "missing.yaml")
 
 
+def test_scalars_yaml_recognises_but_cannot_build_are_one_line_errors(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  seed: 0x_\n")  # resolves as an int, int('0x_') fails
+    with pytest.raises(ParamsError, match=rf"^{bad}: a value YAML cannot read \(") as info:
+        load_params(bad)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("weights", [[0.0] * 19, [1.0] * 18 + [2e6], [1.0] * 18 + [-1.0]])
+def test_class_weights_the_loss_cannot_use_are_refused(weights):
+    raw = _raw()
+    raw["train"]["class_weights"] = weights
+    assert "train.class_weights: expected 19 numbers from 0 to 1e6, not all 0" in _problems(raw)
+
+
 def test_yaml_tags_are_never_executed(tmp_path):
     evil = tmp_path / "params.yaml"
     evil.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")

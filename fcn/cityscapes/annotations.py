@@ -123,7 +123,7 @@ def read_annotation(path: str | Path) -> Annotation:
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints of 4300+ digits
         raise DataError(f"{path}: malformed JSON: {exc}") from None
     except RecursionError:
         raise DataError(f"{path}: malformed JSON: nested too deeply") from None

@@ -91,6 +91,20 @@ def write_class_weights(generated: str | Path, out: str | Path, split: str = "tr
     return report
 
 
+MAX_WEIGHT = 1e6
+"""Far above any weighting scheme's (enet's largest is 1/ln(1.02) ≈ 50), far below float32's
+overflow: a larger weight makes the loss infinite."""
+
+
+def valid_weights(weights: Any) -> bool:
+    """NUM_CLASSES real numbers (not booleans) in [0, MAX_WEIGHT], not all zero: what the loss
+    can use without becoming NaN or infinite."""
+    return (isinstance(weights, list) and len(weights) == NUM_CLASSES
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                    and 0 <= w <= MAX_WEIGHT for w in weights)
+            and any(w > 0 for w in weights))
+
+
 def read_class_weights(path: str | Path, scheme: str) -> list[float]:
     """The `scheme` weights from the class_weights stage's file, checked."""
     if scheme not in SCHEMES:
@@ -103,10 +117,9 @@ def read_class_weights(path: str | Path, scheme: str) -> list[float]:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read class weights ({exc})") from None
     weights = data.get(scheme) if isinstance(data, dict) else None
-    if (not isinstance(weights, list) or len(weights) != NUM_CLASSES
-            or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
-                       for w in weights)):
-        raise DataError(f"{path}: '{scheme}' is not {NUM_CLASSES} finite non-negative weights")
+    if not valid_weights(weights):
+        raise DataError(f"{path}: '{scheme}' is not {NUM_CLASSES} weights, each a number from 0 "
+                        f"to {MAX_WEIGHT:g}, not all 0")
     log.info("class weights (%s, from %s): %s", scheme, path,
              ", ".join(f"{n} {w:.3g}" for n, w in zip(CLASS_NAMES, weights)))
     return [float(w) for w in weights]

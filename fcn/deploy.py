@@ -32,7 +32,7 @@ from fcn.checkpoint import load_model
 from fcn.device import to_model_input
 from fcn.cityscapes.layout import list_images
 from fcn.errors import FcnError
-from fcn.images import read_rgb
+from fcn.images import MAX_PIXELS, read_rgb, read_size
 from fcn.model import FCN8s
 from fcn.params import DeployParams, ModelParams
 from fcn.synthetic import make_scene, render_image
@@ -112,11 +112,13 @@ class Agreement:
 
 
 @torch.inference_mode()
-def check_agreement(model: FCN8s, sess: Any, images: Sequence[Path]) -> Agreement:
-    """PyTorch fp32 vs onnxruntime on each image (one at a time: any size)."""
+def check_agreement(model: FCN8s, sess: Any, images: Sequence[Path],
+                    max_pixels: int = MAX_PIXELS) -> Agreement:
+    """PyTorch fp32 vs onnxruntime on each image (one at a time: any size up to
+    `max_pixels`)."""
     result = Agreement()
     for path in tqdm(images, desc="deploy check", unit="img"):
-        x = to_input(read_rgb(path)[None])
+        x = to_input(read_rgb(path, max_pixels=max_pixels)[None])
         reference = model(torch.from_numpy(x)).numpy()
         result.add(reference, sess.run([OUTPUT], {INPUT: x})[0])
     return result
@@ -149,20 +151,24 @@ def latency(model: FCN8s, sess: Any, height: int, width: int, warmup: int, iters
 
 
 def deploy_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
-                 params: DeployParams, metrics: str | Path) -> dict[str, Any]:
+                 params: DeployParams, metrics: str | Path, max_pixels: int = MAX_PIXELS
+                 ) -> dict[str, Any]:
     """The deploy stage: export, check on the val images of `root`, time, then write
-    `params.out` and `metrics`; raises DeployError (writing nothing) below the bar."""
+    `params.out` and `metrics`; raises DeployError (writing nothing) below the bar. Every val
+    image's header is checked (readable, at most `max_pixels`) before the slow export."""
     import onnxruntime
 
     net = load_model(checkpoint, model)
     images = list_images(root, "val")
+    for path in images:
+        read_size(path, "image", max_pixels)
     out = Path(params.out)
     if params.threads:
         torch.set_num_threads(params.threads)
     with atomic_path(out) as candidate:
         export_onnx(net, candidate, params.opset)
         sess = session(candidate, params.threads)
-        agreement = check_agreement(net, sess, images)
+        agreement = check_agreement(net, sess, images, max_pixels)
         if not agreement.fraction >= params.min_agreement:
             raise DeployError(
                 f"{checkpoint}: the ONNX export agrees with PyTorch on {agreement.fraction:.6%} "

@@ -13,7 +13,8 @@ def main() -> None:
                         help="histogram and weights (JSON; default: %(default)s)")
     args = parser.parse_args()
     params = load_params(args.params)
-    write_class_weights(params.data.generated, args.out)
+    write_class_weights(params.data.generated, args.out,
+                        max_pixels=params.data.max_pixels)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     deploy_stage(args.checkpoint or best_path(params.train.out), params.data.root,
-                 params.model, params.deploy, args.metrics)
+                 params.model, params.deploy, args.metrics, params.data.max_pixels)
 
 
 if __name__ == "__main__":

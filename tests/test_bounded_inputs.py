@@ -28,6 +28,7 @@ from PIL import Image
 
 from fcn.cityscapes import annotations
 from fcn.cityscapes.annotations import read_annotation
+from fcn.cityscapes.layout import mask_path
 from fcn.errors import DataError, ParamsError
 from fcn.images import MAX_PIXELS, read_labels, read_rgb, read_size, read_tensor
 from fcn.masks.generate import generate
@@ -182,6 +183,20 @@ def test_data_max_pixels_reaches_the_masks_stage(tmp_path, monkeypatch, caplog):
     assert error_lines(caplog) == [f"{polygons}: annotation is {W}x{H} ({W * H} pixels), more "
                                    "than the limit of 1000 pixels (data.max_pixels)"]
     assert not (tmp_path / "generated").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_data_max_pixels_reaches_the_class_weights_stage(tmp_path, monkeypatch, caplog):
+    """Before: the stage read every mask with the default limit, whatever the parameter said."""
+    mask = mask_path(tmp_path / "generated", "train", STEMS[0], "labelTrainIds")
+    mask.parent.mkdir(parents=True)
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(mask)
+    params = write_params(tmp_path, tmp_path / "data", max_pixels=1000)
+    out = tmp_path / "w.json"
+    assert run_script("class_weights", "--params", str(params), "--out", str(out),
+                      monkeypatch=monkeypatch) == 1
+    assert error_lines(caplog) == [f"{mask}: labelTrainIds mask is {W}x{H} ({W * H} pixels), "
+                                   "more than the limit of 1000 pixels (data.max_pixels)"]
+    assert not out.exists()
 
 
 # --- finding 2: an annotation of another size than its image ---------------------------------

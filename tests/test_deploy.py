@@ -14,7 +14,7 @@ import torch
 from eval_helpers import eval_data
 from fcn import deploy
 from fcn.deploy import Agreement, DeployError, deploy_stage, export_onnx, session, to_input
-from fcn.errors import FcnError
+from fcn.errors import DataError, FcnError
 from fcn.model import FCN8s
 from fcn.params import DeployParams, ModelParams
 
@@ -88,7 +88,7 @@ def test_disagreement_fails_in_one_line_and_keeps_the_previous_model(data, tmp_p
     out.parent.mkdir()
     out.write_bytes(b"the previous model")
 
-    def poor(model, sess, images):
+    def poor(model, sess, images, max_pixels):
         return Agreement(images=1, pixels=100, agreeing=99, max_abs_logit_diff=3.5)
 
     monkeypatch.setattr(deploy, "check_agreement", poor)
@@ -100,3 +100,18 @@ def test_disagreement_fails_in_one_line_and_keeps_the_previous_model(data, tmp_p
     assert out.read_bytes() == b"the previous model"
     assert not (tmp_path / "d.json").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["fcn8s.onnx"]  # no temporary left
+
+
+def test_val_images_above_data_max_pixels_are_refused_before_the_export(data, tmp_path,
+                                                                        monkeypatch):
+    def never(*args):
+        raise AssertionError("exported before the val images were checked")
+
+    monkeypatch.setattr(deploy, "export_onnx", never)
+    first = sorted((data.root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    with pytest.raises(DataError) as error:
+        deploy_stage(data.checkpoint, data.root, ModelParams(), _params(tmp_path),
+                     tmp_path / "d.json", max_pixels=1000)
+    assert str(error.value) == (f"{first}: image is 128x64 (8192 pixels), more than the limit "
+                                "of 1000 pixels (data.max_pixels)")
+    assert not (tmp_path / "d.json").exists() and not (tmp_path / "deploy").exists()

@@ -27,7 +27,7 @@ from fcn.atomic import write_json
 from fcn.cityscapes import layout
 from fcn.cityscapes.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from fcn.errors import DataError
-from fcn.images import read_labels
+from fcn.images import MAX_PIXELS, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,18 @@ def median_frequency_weights(pixels: Sequence[float], image_pixels: Sequence[flo
     return [float(median / f) if f > 0 else 0.0 for f in freq]
 
 
-def count_pixels(generated: str | Path, split: str = "train",
-                 num_classes: int = NUM_CLASSES) -> tuple[list[int], list[int], int]:
+def count_pixels(generated: str | Path, split: str = "train", num_classes: int = NUM_CLASSES,
+                 max_pixels: int = MAX_PIXELS) -> tuple[list[int], list[int], int]:
     """Per class: its pixels, and the pixels of the images in which it appears, over every
-    labelTrainIds mask of `split`; and the number of masks."""
+    labelTrainIds mask of `split` (each refused above `max_pixels`, data.max_pixels); and the
+    number of masks."""
     pixels = np.zeros(num_classes, dtype=np.int64)
     image_pixels = np.zeros(num_classes, dtype=np.int64)
     folder = Path(generated) / "gtFine" / split
     masks = layout.split_files(folder, layout.mask_suffix("labelTrainIds"), "mask",
                                " masks (run the masks stage)")
     for path in tqdm(masks, desc="class weights", unit="mask"):
-        mask = read_labels(path, "labelTrainIds mask")
+        mask = read_labels(path, "labelTrainIds mask", max_pixels)
         bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
         if bad.any():
             raise DataError(f"{path}: trainId {int(mask[bad][0])} is neither a class "
@@ -78,10 +79,10 @@ def count_pixels(generated: str | Path, split: str = "train",
     return pixels.tolist(), image_pixels.tolist(), len(masks)
 
 
-def write_class_weights(generated: str | Path, out: str | Path, split: str = "train"
-                        ) -> dict[str, Any]:
+def write_class_weights(generated: str | Path, out: str | Path, split: str = "train",
+                        max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """The class_weights stage: count the split's pixels and write both schemes to `out`."""
-    pixels, image_pixels, images = count_pixels(generated, split)
+    pixels, image_pixels, images = count_pixels(generated, split, max_pixels=max_pixels)
     report = {"split": split, "images": images, "classes": list(CLASS_NAMES),
               "pixels": pixels, "image_pixels": image_pixels,
               "enet": enet_weights(pixels),

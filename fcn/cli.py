@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from fcn.errors import FcnError
+from fcn.errors import FcnError, one_line
 from fcn.lifetime import watch_owners
 
 log = logging.getLogger("fcn")
@@ -28,7 +28,7 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except FcnError as exc:
-        log.error("%s", exc)
+        log.error("%s", one_line(exc))
         sys.exit(1)
     except KeyboardInterrupt:
         log.error("interrupted")

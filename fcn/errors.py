@@ -15,6 +15,21 @@ class DataError(FcnError):
     """A dataset or output file is missing or malformed; the message names the file."""
 
 
+def one_line(exc: FcnError) -> str:
+    """The error's own message. A DataLoader worker's error reaches the main process re-raised
+    as the same class holding "Caught DataError in DataLoader worker process 0", the worker's
+    traceback and, on its last line, `fcn.errors.DataError: <message>`: that message."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    for cls in type(exc).__mro__:
+        for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+    return last
+
+
 _UNSAFE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 

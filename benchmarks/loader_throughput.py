@@ -185,7 +185,7 @@ def decoders(path: Path, rounds: int) -> dict[str, float]:
 
 def verify_cost(decoded: Path, pairs: list, rounds: int) -> dict[str, float]:
     """What a training run's check of the decoded cache costs (`fcn.train.decoded.verify`,
-    one thread): seconds per GB of arrays, best of `rounds`."""
+    one thread; the source PNGs are hashed too): seconds per GB of arrays, best of `rounds`."""
     from fcn.train.decoded import verify
 
     gb = sum(p.stat().st_size for p in (decoded / "train").rglob("*.npy")) / 1e9

@@ -3,6 +3,8 @@ replaces; seeded (order-free) randomness across workers, resumes and the decoded
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -256,12 +258,62 @@ def test_a_source_replaced_after_decoding_makes_the_cache_stale(tiny_dataset, ma
     decoded = tmp_path / "decoded"
     decode_stage(root, masks, decoded, True, 1)
     first, second = [p.image for p in find_pairs(root, masks, "val")]
-    data = second.read_bytes()
-    first.write_bytes(data)  # another image of the same size in its place
-    with pytest.raises(DataError, match=rf"^{first}: changed since the decode stage cached it "
-                                        r"\(size, mtime \[\d+, \d+\] -> \[\d+, \d+\]\); rerun "
-                                        "the decode stage$"):
+    original = first.read_bytes()
+    first.write_bytes(second.read_bytes())  # another image of the same size in its place
+    with pytest.raises(DataError) as error:
         SegmentationDataset(root, masks, "val", None, decoded)
+    assert str(error.value) == (f"{first}: changed since the decode stage cached it (its SHA-256 "
+                                f"differs from the one in {decoded / 'index.json'}); rerun the "
+                                "decode stage")
+    first.write_bytes(original)  # written again, same bytes, another mtime: not stale
+    os.utime(second, ns=(0, 0))
+    assert len(SegmentationDataset(root, masks, "val", None, decoded)) == 2
+
+
+def test_two_clean_decodes_write_byte_identical_caches(tiny_dataset, masks, tmp_path):
+    """The index records content (SHA-256), never sizes on disk or modification times: a
+    cache rebuilt from the same data is the same bytes (issue 21)."""
+    import shutil
+
+    def tree(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dataset, root)
+    decode_stage(root, masks, tmp_path / "a", True, 2)
+    for path in root.rglob("*.png"):
+        os.utime(path, ns=(10**18, 10**18))  # the same data written again later
+    decode_stage(root, masks, tmp_path / "b", True, 1)
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda e: e.update(height="abc"), "height 'abc' is not a positive integer"),
+    (lambda e: e.pop("height"), "height None is not a positive integer"),
+    (lambda e: e.update(width=True), "width True is not a positive integer"),
+    (lambda e: e.pop("image"), "no image record"),
+    (lambda e: e["mask"].update(sha256="x" * 64), "mask sha256 'xxxx"),
+    (lambda e: e["image"].update(source=[10, 20]), "image source [10, 20] is not a SHA-256"),
+    (lambda e: e.pop("stem"), "no stem"),
+])
+def test_a_damaged_index_is_one_line(tiny_dataset, masks, tmp_path, damage, problem):
+    """Before: KeyError, ValueError or AttributeError tracebacks (hunt finding 16)."""
+    decoded = tmp_path / "decoded"
+    decode_stage(tiny_dataset, masks, decoded, True, 1)
+    index_file = decoded / "index.json"
+    index = json.loads(index_file.read_text())
+    damage(index["splits"]["val"][1])
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(DataError) as error:
+        SegmentationDataset(tiny_dataset, masks, "val", None, decoded)
+    message = str(error.value)
+    assert message.startswith(f"{index_file}: damaged index (val entry 1: {problem}")
+    assert message.endswith("; rerun the decode stage") and "\n" not in message
+    index["splits"] = []
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"split 'val' not decoded"):
+        SegmentationDataset(tiny_dataset, masks, "val", None, decoded)
 
 
 def test_workers_auto():

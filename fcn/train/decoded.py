@@ -9,17 +9,16 @@ the PNGs.
 
 Layout under `out`: `<split>/<city>/<stem>.image.npy` (uint8 [H, W, 3], RGB) and
 `<stem>.mask.npy` (uint8 [H, W], trainIds), plus `index.json` (format, whether arrays were
-written, and for every split's stem its height, width, each array's SHA-256 and the size and
-modification time of the PNG it came from). Mask values are checked once here (each a class or
-ignore). What a training run checks before its first step (`verify`):
+written, and for every split's stem its height, width, each array's SHA-256 and the SHA-256 of
+the PNG it came from). The index holds content only (no sizes on disk, no times), so two clean
+runs write byte-identical caches. Mask values are checked once here (each a class or ignore).
+What a training run checks before its first step (`verify`):
 
+- the index itself: every entry's fields and their types (a damaged index is one line);
 - every array's header (dtype, shape equal to the index's, at most `max_pixels`) and length;
-- every array's SHA-256 against the index (a damaged or altered file), in up to 8 threads,
-  on local rank 0 of each machine (its cost per GB: docs/performance.md, measured by
-  benchmarks/loader_throughput.py);
-- every source PNG's size and modification time against the index (a replaced image or mask:
-  the cache is stale). A replacement that keeps both is not noticed: DVC, which tracks the
-  data by content, reruns the decode stage for it; running stages/train.py by hand does not.
+- every array's SHA-256 against the index (a damaged or altered file), and every source PNG's
+  (a replaced image or mask: the cache is stale), in up to 8 threads, on local rank 0 of each
+  machine (its cost per GB: docs/performance.md, measured by benchmarks/loader_throughput.py).
 
 So a damaged, foreign or stale file is a one-line error before training, never a wrong sample.
 """
@@ -59,20 +58,23 @@ def array_path(out: str | Path, split: str, stem: str, kind: str) -> Path:
     return Path(out) / split / layout.city_of(stem) / f"{stem}.{kind}.npy"
 
 
-def source_identity(path: Path) -> list[int]:
-    """[size in bytes, modification time in ns] of a source file: what `verify` compares."""
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def _digest(array: Any) -> str:
     return hashlib.sha256(memoryview(array)).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a source file's bytes: what the index records and `verify` compares."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _decode_one(task: tuple[Any, ...]) -> dict[str, Any]:
     """Decode one pair into `out` (a private folder); its index entry."""
     split, pair, out, max_pixels = task
-    sources = {"image": source_identity(pair.image), "mask": source_identity(pair.mask)}
+    sources = {"image": file_digest(pair.image), "mask": file_digest(pair.mask)}
     image, mask = load_pair(pair, max_pixels)
     stem = pair.stem
     entry: dict[str, Any] = {"stem": stem, "height": int(image.shape[1]),
@@ -162,20 +164,49 @@ def open_array(path: Path, kind: str, height: int, width: int,
     return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=expected)
 
 
+def _is_sha256(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one index entry, or None: the fields `verify` and the loader read."""
+    if not isinstance(entry, dict):
+        return "not a mapping"
+    if not isinstance(entry.get("stem"), str) or not entry["stem"]:
+        return "no stem"
+    for key in ("height", "width"):
+        value = entry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{key} {value!r} is not a positive integer"
+    for kind in KINDS:
+        record = entry.get(kind)
+        if not isinstance(record, dict):
+            return f"no {kind} record"
+        for key in ("sha256", "source"):
+            if not _is_sha256(record.get(key)):
+                return f"{kind} {key} {record.get(key)!r} is not a SHA-256"
+    return None
+
+
 def entries(out: str | Path, split: str) -> dict[str, dict[str, Any]]:
-    """stem → index entry (height, width, each array's digest and source) of a decoded
-    split; an error if the cache does not hold it."""
+    """stem → index entry (height, width, each array's digest and its source's) of a decoded
+    split, every entry checked; an error if the cache does not hold it."""
     index = read_index(out)
+    path = Path(out) / INDEX
     if not index.get("enabled"):
-        raise DataError(f"{Path(out) / INDEX}: the cache holds no arrays (decode.enabled was "
-                        "false when it was built)")
-    found = index.get("splits", {}).get(split)
+        raise DataError(f"{path}: the cache holds no arrays (decode.enabled was false when it "
+                        "was built)")
+    splits = index.get("splits")
+    found = splits.get(split) if isinstance(splits, dict) else None
     if not isinstance(found, list):
-        raise DataError(f"{Path(out) / INDEX}: split {split!r} not decoded")
-    try:
-        return {e["stem"]: e for e in found}
-    except (TypeError, KeyError):
-        raise DataError(f"{Path(out) / INDEX}: damaged index (rerun the decode stage)") from None
+        raise DataError(f"{path}: split {split!r} not decoded")
+    for number, entry in enumerate(found):
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataError(f"{path}: damaged index ({split} entry {number}: {problem}); rerun "
+                            "the decode stage")
+    return {e["stem"]: e for e in found}
 
 
 def split_sizes(out: str | Path, split: str) -> dict[str, tuple[int, int]]:
@@ -195,9 +226,9 @@ def check_covers(out: str | Path, split: str, stems: Sequence[str]) -> dict[str,
 
 def verify(out: str | Path, split: str, pairs: Sequence[Pair], max_pixels: int = MAX_PIXELS,
            threads: int | None = None) -> None:
-    """Check `pairs`' arrays against the index before a run reads them: each source PNG's size
-    and modification time (stale cache), each array's header and SHA-256 (damaged or altered
-    file); the first problem is a one-line DataError naming the file. Hashing runs in
+    """Check `pairs`' arrays against the index before a run reads them: each source PNG's
+    SHA-256 (stale cache), each array's header and SHA-256 (damaged or altered file); the
+    first problem in `pairs` order is a one-line DataError naming the file. Hashing runs in
     `threads` threads (hashlib releases the GIL); see the module docstring for the cost."""
     found = entries(out, split)
     index = Path(out) / INDEX
@@ -205,20 +236,25 @@ def verify(out: str | Path, split: str, pairs: Sequence[Pair], max_pixels: int =
     for pair in pairs:
         entry = found[pair.stem]
         for kind, source in (("image", pair.image), ("mask", pair.mask)):
-            recorded = entry[kind]["source"]
-            now = source_identity(source)
-            if now != recorded:
-                raise DataError(f"{source}: changed since the decode stage cached it (size, "
-                                f"mtime {recorded} -> {now}); rerun the decode stage")
+            jobs.append((source, kind, None, entry[kind]["source"]))
             jobs.append((array_path(out, split, pair.stem, kind), kind, pair.size,
                          entry[kind]["sha256"]))
 
-    def check(job: tuple[Path, str, tuple[int, int], str]) -> None:
+    def problem(job: tuple[Path, str, tuple[int, int] | None, str]) -> str | None:
         path, kind, size, expected = job
+        if size is None:
+            return None if file_digest(path) == expected else (
+                f"{path}: changed since the decode stage cached it (its SHA-256 differs from "
+                f"the one in {index}); rerun the decode stage")
         if _digest(open_array(path, kind, *size, max_pixels)) != expected:
-            raise DataError(f"{path}: decoded {kind} does not match its SHA-256 in {index} "
-                            "(damaged or altered since the decode stage wrote it; rerun it)")
+            return (f"{path}: decoded {kind} does not match its SHA-256 in {index} "
+                    "(damaged or altered since the decode stage wrote it; rerun it)")
+        return None
 
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        for _ in pool.map(check, jobs):
-            pass
+        try:
+            for found_problem in pool.map(problem, jobs):
+                if found_problem:
+                    raise DataError(found_problem)
+        finally:
+            pool.shutdown(cancel_futures=True)  # a problem found: do not hash the rest

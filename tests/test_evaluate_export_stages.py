@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,9 @@ from fcn.cityscapes.layout import list_images, stem_of
 from fcn.cli import run_stage
 from fcn.params import load_params
 from fcn.predict.evaluate import ReportPaths, evaluate_stage
-from fcn.predict.export import ExportPaths, export_stage, predict_folder_stage
+from fcn.cityscapes.layout import submission_name
+from fcn.predict.export import (ExportPaths, export_stage, gif_images, predict_folder_stage,
+                               write_submission_zip)
 from fcn.params import default_params_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,21 +346,63 @@ def test_bad_prediction_files(data, exported_val, tmp_path, monkeypatch, caplog,
     assert not (tmp_path / "plots").exists()
 
 
-def test_export_failing_midway_leaves_nothing_half_written(data, tmp_path, monkeypatch, caplog):
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["test image header", "test image data",
+                                    "GIF val image data"])
+def test_a_failed_export_leaves_the_previous_export_whole(data, tmp_path, monkeypatch, caplog,
+                                                          damage):
+    """A bad header fails before any work; bad data found only while decoding (a test image,
+    or a val image of the GIF, which used to be made after the new predictions, zip and
+    overlays were in place) leaves every previous output as it was."""
     root = tmp_path / "dataset"
     shutil.copytree(data.root / "leftImg8bit", root / "leftImg8bit")
-    broken = root / "leftImg8bit" / "test" / "bonn" / "bonn_000000_000019_leftImg8bit.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     params = write_params(tmp_path, data, data={"root": str(root),
                                                 "generated": str(data.generated)})
+    assert run("export", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 0
     out = tmp_path / "predictions"
-    out.mkdir()
-    (out / "test").mkdir()
-    (out / "test" / "old.txt").write_text("previous export")
+    for folder in ("test", "overlays"):  # the previous export, told apart from a new one
+        (out / folder / "previous.txt").write_text("previous export")
+    for name in ("cityscapes_test_labelIds.zip", "val_predictions.gif"):
+        (out / name).write_bytes(b"previous " + name.encode())
+    before = _tree(out)
+    if damage.startswith("test"):
+        bad = sorted((root / "leftImg8bit" / "test").rglob("*.png"))[-1]
+    else:
+        bad = gif_images(root, 3)[-1]
+    if damage == "test image header":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    else:  # the header intact, the pixel data cut short
+        bad.write_bytes(bad.read_bytes()[:200])
+    caplog.clear()
     assert run("export", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 1
-    assert f"{broken}: cannot read image" in caplog.text
-    assert sorted(p.name for p in out.iterdir()) == ["test"]  # no zip, overlays, partial dirs
-    assert [p.name for p in (out / "test").iterdir()] == ["old.txt"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"{bad}: cannot read image")
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["test", "overlays", "cityscapes_test_labelIds.zip", "val_predictions.gif"])
+
+
+def test_the_zip_depends_on_the_predictions_alone(tmp_path):
+    """Fixed entry dates and order: the same predictions written at another time give the
+    same zip bytes (issue 21)."""
+    folder = tmp_path / "test"
+    stems = ["bonn_000001_000019", "berlin_000000_000019"]
+    for k, stem in enumerate(stems):
+        path = folder / submission_name(stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 8), 7 + k, np.uint8)).save(path)
+    write_submission_zip(tmp_path / "a.zip", folder, stems)
+    for k, path in enumerate(folder.rglob("*.png")):
+        os.utime(path, ns=(10**18 + k, 10**18 + k))
+    write_submission_zip(tmp_path / "b.zip", folder, list(reversed(stems)))
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.zip") as archive:
+        assert archive.namelist() == sorted(submission_name(s) for s in stems)
+        assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
 @pytest.mark.slow

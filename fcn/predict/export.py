@@ -9,11 +9,15 @@ image's size. We name each prediction like its image (`layout.submission_name`),
 named `overlay_<stem>.png`, so even a search over the whole export folder finds one match.
 
 Check before work, and atomic output: every input image's header is read first (it opens, and
-its size is within `max_pixels`), so a bad file anywhere fails the run before anything is
-written (and, predicting a folder, before the model is loaded); and output folders are built
-beside their final place and swapped in whole (fcn.atomic.atomic_dir), so a failure found only
-while decoding (a file truncated after a valid header) leaves the previous outputs, or none,
-never half of a new set.
+its size is within `max_pixels`), the GIF's val images' too, so a bad file anywhere fails the
+run before anything is written (and, predicting a folder, before the model is loaded). The GIF's
+frames are made before any output is touched; the output folders, the zip and the GIF are
+built beside their final places and put in place together at the end (folders swapped whole,
+fcn.atomic), so a failure found only while decoding (a file truncated after a valid header)
+leaves the previous export, or none, never part of a new one.
+
+The zip is byte-reproducible: its entries are sorted and carry a fixed date (1980-01-01, zip's
+earliest) and mode, not the files' modification times.
 """
 
 from __future__ import annotations
@@ -90,10 +94,19 @@ def check_images(images: Sequence[Path], max_pixels: int) -> None:
 def export_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
                  params: ExportParams, paths: ExportPaths, max_pixels: int = MAX_PIXELS) -> int:
     """The export stage: the split's server-ready predictions, zip and overlays, and the val
-    GIF; returns the number of images exported. Images above `max_pixels` are refused."""
+    GIF, all or none of them replaced; returns the number of images exported. Images above
+    `max_pixels` are refused."""
+    check_images(list_images(root, paths.split), max_pixels)
+    chosen = gif_images(root, params.gif_frames)
+    check_images(chosen, max_pixels)
     predictor = Predictor.from_params(checkpoint, model, params)
-    count = export_split(predictor, root, paths, params, max_pixels)
-    export_gif(predictor, root, paths.gif, params, max_pixels)
+    frames = gif_frames(predictor, chosen, params, max_pixels)  # before any output is touched
+    if not frames:
+        return export_split(predictor, root, paths, params, max_pixels)
+    with atomic_path(paths.gif) as gif:  # put in place after the split's folders and zip
+        write_gif(gif, frames, params.gif_ms_per_frame)
+        count = export_split(predictor, root, paths, params, max_pixels)
+    log.info("wrote %d frames to %s", len(frames), paths.gif)
     return count
 
 
@@ -144,27 +157,37 @@ def write_submission_zip(path: Path, folder: Path, stems: Sequence[str]) -> None
         extra, missing = sorted(present - expected), sorted(expected - present)
         raise DataError(f"{folder}: predictions do not match the images one to one "
                         f"(unexpected: {extra[:3]}, missing: {missing[:3]})")
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         for name in sorted(expected):
-            archive.write(folder / name, arcname=name)
+            entry = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+            entry.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(entry, (folder / name).read_bytes())
 
 
-def export_gif(predictor: Predictor, data_root: str | Path, path: Path,
-               params: ExportParams, max_pixels: int = MAX_PIXELS) -> int:
-    """An animated GIF of `params.gif_frames` val images blended with their predicted colors."""
-    if params.gif_frames == 0:
-        return 0
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+"""Every zip entry's date: zip's earliest, so the zip depends on the predictions alone."""
+
+
+def gif_images(data_root: str | Path, frames: int) -> list[Path]:
+    """The `frames` val images the GIF shows, spread over the split (none for 0)."""
+    if frames == 0:
+        return []
     images = list_images(data_root, "val")
-    chosen = [images[i] for i in spread(len(images), params.gif_frames)]
+    return [images[i] for i in spread(len(images), frames)]
+
+
+def gif_frames(predictor: Predictor, images: Sequence[Path], params: ExportParams,
+               max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
+    """The GIF's frames: each image blended with its predicted colors, `params.gif_width`
+    wide."""
     load = functools.partial(_load, max_pixels=max_pixels)
     frames = []
-    for _, image, _, train_ids in predict_stream(predictor, chosen, load, params.batch_size,
+    for _, image, _, train_ids in predict_stream(predictor, images, load, params.batch_size,
                                                  params.workers):
         overlay = blend(image, colorize(train_ids), params.overlay_alpha)
         frames.append(resize_to_width(overlay, params.gif_width))
-    write_gif(path, frames, params.gif_ms_per_frame)
-    log.info("wrote %d frames to %s", len(frames), path)
-    return len(frames)
+    return frames
 
 
 def folder_images(folder: Path) -> list[Path]:

@@ -60,6 +60,11 @@ def best_path(out: str | Path) -> Path:
 
 # --- what a checkpoint must agree with to be resumed ----------------------------------------
 
+UNHASHED_TRAIN = {"workers": 0, "device": "auto", "out": "", "monitor_system": False,
+                  "max_restarts": 0, "resume_dir": None, "log_every": TrainParams.log_every}
+"""The `train` keys that say where and how a run executes, not what it trains: set to these
+fixed values before hashing, so changing them resumes the run instead of starting afresh."""
+
 TRAINING_CODE = "fcn.train.fit"
 """The module whose source files (and those it imports) make up a run's training code."""
 
@@ -70,9 +75,7 @@ def hashed_params(model: ModelParams, train: TrainParams,
     `identity` (further sections, plain dicts, that name the data trained on), and `code`, the
     digest of every source file of the training code (`fcn.sources`), so that a run killed
     before an edit never resumes under the edited code."""
-    train = dataclasses.replace(train, workers=0, device="auto", out="", monitor_system=False,
-                                max_restarts=0, resume_dir=None,
-                                log_every=TrainParams.log_every)
+    train = dataclasses.replace(train, **UNHASHED_TRAIN)
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
             **{name: dict(section) for name, section in identity.items()},
             "code": dict(sources.fingerprint(TRAINING_CODE))}

@@ -476,3 +476,32 @@ def test_onnxruntime_on_cuda_is_timed_with_its_data_on_the_gpu_and_its_provider_
     with FakeCuda(), pytest.raises(RuntimeError, match="CPUExecutionProvider, not CUDA"):
         worker._onnxruntime(_ort_job(), torch.rand(1, 3, 4, 8,
                                                    device=torch.device("cuda", 0)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "tf32"])
+def test_training_and_prediction_on_a_cpu_compute_in_fp32_whatever_the_precision(precision):
+    """training.md: on a CPU, training, evaluate and export compute in fp32 whatever the
+    precision (only the benchmark runs CPU autocast): the same weights, loss and logits."""
+    cpu = torch.device("cpu")
+
+    def train(precision: str) -> tuple[dict, float]:
+        torch.manual_seed(0)
+        model = FCN8s("vgg11_bn", fc_channels=16)
+        params = TrainParams(optimizer="sgd", lr=0.01)
+        optimizer = build_optimizer(model, params)
+        step = TrainStep(model, build_criterion(None, cpu), optimizer,
+                         build_scheduler(optimizer, params, 10), grad_scaler(cpu, precision),
+                         Context(0, 1, cpu), precision)
+        torch.manual_seed(1)
+        for _ in range(2):
+            step(_batch()[:2])
+        return model.state_dict(), float(step.loss_sum)
+
+    (reference, reference_loss), (weights, loss) = train("fp32"), train(precision)
+    assert loss == reference_loss
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    torch.manual_seed(0)
+    model = FCN8s("vgg11_bn", fc_channels=16).eval()
+    images = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8).numpy()
+    assert np.array_equal(Predictor(model, cpu, "fp32")(images),
+                          Predictor(model, cpu, precision)(images))

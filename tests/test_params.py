@@ -125,6 +125,21 @@ def test_class_weights_the_loss_cannot_use_are_refused(weights):
     assert "train.class_weights: expected 19 numbers from 0 to 1e6, not all 0" in _problems(raw)
 
 
+def test_the_params_check_prints_a_header_then_one_line_per_problem(tmp_path):
+    """pipeline.md: `python -m fcn.params` (make repro's first step): a header, then one line
+    per problem, exit 1."""
+    raw = _raw(train={"lr": -1, "epochs": 0, "bogus": 3})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "fcn.params", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    header, *lines = done.stderr.splitlines()
+    assert header == f"error: {path}: 3 invalid parameter(s):"
+    assert [line.split(":")[0] for line in lines] == ["  - train.bogus", "  - train.epochs",
+                                                      "  - train.lr"]
+
+
 def test_yaml_tags_are_never_executed(tmp_path):
     evil = tmp_path / "params.yaml"
     evil.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")

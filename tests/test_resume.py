@@ -124,3 +124,41 @@ def test_a_run_killed_before_a_code_edit_starts_afresh_after_it(tiny_dataset, ma
     last = ckpt.load(tmp_path / "models" / "last.pt")
     assert last["hashed_params"]["code"]["fcn/train/loop.py"] == "0" * 16
     assert len(last["history"]) == 2  # both epochs trained under the new code
+
+
+def _another(value):
+    """A different value of the same kind (hashing does not validate)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, (list, tuple)):
+        return [*value, 1]
+    return "x"  # None
+
+
+def test_exactly_the_documented_train_keys_are_left_out_of_the_hash():
+    """multi-gpu.md and training.md promise that changing these keys (max_restarts, workers,
+    ...) resumes a run instead of starting it afresh; every other key starts afresh."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from fcn.params import ModelParams, TrainParams
+
+    identity = {"data": {"root": "r"}}
+
+    def digest(train: TrainParams) -> str:
+        return ckpt.training_hash(ckpt.hashed_params(ModelParams(), train, identity))
+
+    base = TrainParams()
+    reference = digest(base)
+    for field in dataclasses.fields(TrainParams):
+        changed = dataclasses.replace(base, **{field.name: _another(getattr(base, field.name))})
+        same = digest(changed) == reference
+        assert same == (field.name in ckpt.UNHASHED_TRAIN), field.name
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "multi-gpu.md").read_text()
+    listed = re.search(r"<!-- unhashed -->(.*?)<!-- /unhashed -->", doc).group(1)
+    assert re.findall(r"`(\w+)`", listed) == list(ckpt.UNHASHED_TRAIN)

@@ -77,6 +77,24 @@ def test_accumulating_two_batches_of_4_equals_one_batch_of_8():
     assert not torch.allclose(unaccumulated.conv.weight, small.conv.weight, atol=1e-4)
 
 
+def test_an_epoch_of_5_batches_accumulating_2_ends_at_an_optimizer_step():
+    """training.md: an epoch ends at an optimizer step (its last group is smaller), so no
+    gradient is carried into the next epoch and a resumed run never lands mid-group."""
+    torch.manual_seed(1)
+    loader = DataLoader(TensorDataset(torch.rand(5, 3, 8, 8), torch.randint(0, 19, (5, 8, 8))),
+                        batch_size=1)
+    model = NoBatchNorm()
+    params = TrainParams(optimizer="sgd", lr=0.1, weight_decay=0.0, accumulate=2)
+    optimizer = build_optimizer(model, params)
+    scheduler = build_scheduler(optimizer, params, schedule(params, len(loader))[1])
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer, scheduler,
+                    grad_scaler(CPU.device, "fp32"), CPU, "fp32", 0, accumulate=2)
+    assert len(steps) == 3 == scheduler.last_epoch  # groups of 2, 2 and 1
+    assert all(p.grad is None for p in model.parameters())  # nothing left half-accumulated
+
+
 def test_schedule_counts_optimizer_steps_and_iterations():
     assert schedule(TrainParams(epochs=3, accumulate=2), 5) == (3, 9, 3)  # 5 batches: 3 steps
     assert schedule(TrainParams(epochs=None, iterations=10), 4) == (4, 10, 3)

@@ -115,8 +115,8 @@ def benchmark_headline() -> str:
 
 
 def deploy_result() -> str:
-    """The deploy stage's check and timings (metrics/deploy.json)."""
-    d = _metrics("deploy.json")
+    """The deploy stage's check (metrics/deploy.json) and timings (deploy_latency.json)."""
+    d = {**_metrics("deploy.json"), **_metrics("deploy_latency.json")}
     ms = d["latency_ms"]
     return "\n".join([
         "| what | value |", "|---|---:|",
@@ -352,11 +352,20 @@ def gpu_check_estimate() -> str:
     return "\n".join(lines)
 
 
+def timing_outputs() -> str:
+    """fcn.outputs.TIMING_OUTPUTS: the outputs that hold this machine's figures."""
+    from fcn.outputs import TIMING_OUTPUTS
+
+    return "\n".join(["| output | holds |", "|---|---|"]
+                     + [f"| `{path}` | {what} |" for path, what in TIMING_OUTPUTS.items()])
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "default-run": default_run, "benchmark-headline": benchmark_headline,
     "deploy-result": deploy_result, "inference-modes": inference_modes,
     "loader-throughput": loader_throughput, "cityscapes-costs": cityscapes_costs,
     "gpu-check-estimate": gpu_check_estimate, "train-throughput": train_throughput,
+    "timing-outputs": timing_outputs,
 }
 
 
@@ -407,13 +416,16 @@ def render() -> dict[Path, str]:
 
 
 def _committed() -> dict[Path, str] | None:
-    """The docs as HEAD's figures make them (None outside a git checkout)."""
+    """The docs as HEAD's figures make them (None outside a git checkout, or where HEAD
+    lacks a file the working tree's docs read: a change not yet committed)."""
     if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=ROOT,
                       capture_output=True).returncode != 0:
         return None
     SOURCE["revision"] = "HEAD"
     try:
         return render()
+    except subprocess.CalledProcessError:
+        return None
     finally:
         SOURCE["revision"] = None
 

@@ -52,8 +52,15 @@ def to_input(images: np.ndarray) -> np.ndarray:
     return to_model_input(torch.from_numpy(np.require(images, requirements=["C", "W"]))).numpy()
 
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+"""Node metadata the exporter adds: the source lines (with their absolute paths) that made the
+node. Dropped, so the file is the same wherever the project lives (and names no local path);
+the node's module, class and FX-node metadata stay for debugging."""
+
+
 def export_onnx(model: FCN8s, path: str | Path, opset: int) -> None:
-    """Write `model` as ONNX (one file, weights included) with dynamic batch, height, width."""
+    """Write `model` as ONNX (one file, weights included) with dynamic batch, height, width;
+    the same model gives the same bytes, from any checkout."""
     model = model.eval()
     example = torch.rand(1, 3, 64, 96)
     dims = {0: torch.export.Dim("batch", min=1, max=64),
@@ -71,6 +78,10 @@ def export_onnx(model: FCN8s, path: str | Path, opset: int) -> None:
                                     verbose=False)
     for logger, level in zip(quiet, levels):
         logger.setLevel(level)
+    graphs = [program.model.graph, *program.model.functions.values()]
+    for graph in graphs:
+        for node in graph.all_nodes():
+            node.metadata_props.pop(STACK_TRACE, None)
     with atomic_path(path) as tmp:
         program.save(str(tmp))
 
@@ -151,11 +162,13 @@ def latency(model: FCN8s, sess: Any, height: int, width: int, warmup: int, iters
 
 
 def deploy_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
-                 params: DeployParams, metrics: str | Path, max_pixels: int = MAX_PIXELS
-                 ) -> dict[str, Any]:
+                 params: DeployParams, metrics: str | Path, max_pixels: int = MAX_PIXELS,
+                 latency_file: str | Path | None = None) -> dict[str, Any]:
     """The deploy stage: export, check on the val images of `root`, time, then write
-    `params.out` and `metrics`; raises DeployError (writing nothing) below the bar. Every val
-    image's header is checked (readable, at most `max_pixels`) before the slow export."""
+    `params.out`, `metrics` (the check: the same bytes for the same model) and `latency_file`
+    (this machine's timings, kept apart); raises DeployError (writing nothing) below the bar.
+    Every val image's header is checked (readable, at most `max_pixels`) before the slow
+    export. Returns the check's figures and the timings together."""
     import onnxruntime
 
     net = load_model(checkpoint, model)
@@ -183,15 +196,19 @@ def deploy_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
         "pixels": agreement.pixels,
         "opset": params.opset,
         "file_mb": out.stat().st_size / 2**20,
+    }
+    timings = {
         "latency_ms": {name: s * 1e3 for name, s in seconds.items()},
         "onnxruntime_speedup": seconds["torch"] / seconds["onnxruntime"],
         "latency_height": params.height,
         "latency_width": params.width,
     }
+    if latency_file is not None:
+        write_json(latency_file, timings)
     write_json(metrics, report)
     log.info("%s: argmax agreement %.6f on %d val images (max |logit diff| %.2e); %dx%d: "
              "torch %.0f ms, onnxruntime %s %.0f ms", out, agreement.fraction, agreement.images,
              agreement.max_abs_logit_diff, params.height, params.width,
-             report["latency_ms"]["torch"], onnxruntime.__version__,
-             report["latency_ms"]["onnxruntime"])
-    return report
+             timings["latency_ms"]["torch"], onnxruntime.__version__,
+             timings["latency_ms"]["onnxruntime"])
+    return {**report, **timings}

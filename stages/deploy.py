@@ -14,11 +14,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path,
                         help="model checkpoint (default: <train.out>/best.pt)")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/deploy.json"),
-                        help="agreement, logit difference, latencies, opset, file size")
+                        help="agreement, logit difference, opset, file size")
+    parser.add_argument("--latency", type=Path, default=Path("metrics/deploy_latency.json"),
+                        help="both runtimes' latencies on this machine (a timing file)")
     args = parser.parse_args()
     params = load_params(args.params)
     deploy_stage(args.checkpoint or best_path(params.train.out), params.data.root,
-                 params.model, params.deploy, args.metrics, params.data.max_pixels)
+                 params.model, params.deploy, args.metrics, params.data.max_pixels,
+                 args.latency)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +60,19 @@ def test_onnx_file_is_self_contained(onnx_model):
     assert all(isinstance(d, str) for d in (inputs[0].shape[0], *inputs[0].shape[2:]))  # dynamic
 
 
+def test_the_onnx_file_is_the_same_bytes_from_any_checkout(onnx_model, tmp_path):
+    """No source path in the file (the exporter's stack traces are dropped), and the same
+    model exported again gives the same bytes (issue 21)."""
+    import fcn
+
+    model, path = onnx_model
+    data = path.read_bytes()
+    assert str(Path(fcn.__file__).parent).encode() not in data
+    assert b"model.py" not in data
+    export_onnx(model, tmp_path / "again.onnx", 18)
+    assert (tmp_path / "again.onnx").read_bytes() == data
+
+
 def _params(tmp_path, **changes) -> DeployParams:
     values = {"height": 64, "width": 128, "warmup": 0, "iters": 1, "threads": 1,
               "out": str(tmp_path / "deploy" / "fcn8s.onnx"), **changes}
@@ -68,8 +82,12 @@ def _params(tmp_path, **changes) -> DeployParams:
 def test_deploy_stage_writes_the_model_and_the_report(data, tmp_path):
     params = _params(tmp_path)
     report = deploy_stage(data.checkpoint, data.root, ModelParams(), params,
-                          tmp_path / "deploy.json")
-    assert json.loads((tmp_path / "deploy.json").read_text()) == report
+                          tmp_path / "deploy.json", latency_file=tmp_path / "latency.json")
+    scores = json.loads((tmp_path / "deploy.json").read_text())
+    timings = json.loads((tmp_path / "latency.json").read_text())
+    assert {**scores, **timings} == report
+    assert set(timings) == {"latency_ms", "onnxruntime_speedup", "latency_height",
+                            "latency_width"}  # every timing apart from the check's figures
     assert report["agreement"] >= 0.9999 and report["images"] == 6
     assert report["pixels"] == 6 * 64 * 128
     assert 0 <= report["max_abs_logit_diff"] < 1e-3

@@ -31,7 +31,7 @@ def test_every_generated_block_is_filled_and_known():
 
 
 def test_a_repro_that_rewrites_the_timings_leaves_the_docs_check_green(tmp_path):
-    """`make repro && make test`: the repro rewrites metrics/benchmark.json and deploy.json
+    """`make repro && make test`: the repro rewrites metrics/benchmark.json and deploy_latency.json
     with this machine's timings; the docs still match the committed figures, so the check
     passes. A doc matching neither is still stale."""
     import json
@@ -39,7 +39,7 @@ def test_a_repro_that_rewrites_the_timings_leaves_the_docs_check_green(tmp_path)
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     check = [sys.executable, str(clone / "docs" / "generate.py"), "--check"]
-    for name in ("benchmark.json", "deploy.json"):  # what a repro on another machine leaves
+    for name in ("benchmark.json", "deploy_latency.json"):  # a repro on another machine
         path = clone / "metrics" / name
         metrics = json.loads(path.read_text())
         for key, value in list(metrics.items()):

@@ -11,6 +11,7 @@ A stage not yet declared in dvc.yaml makes the part that needs it skip, naming t
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shlex
 import re
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from cdp import Chromium, find_chromium, render_plots_page
+from fcn.outputs import is_timing_output
 from dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, git,
                       make_tiny, missing, ran_stages, read_params, set_param, stages)
 
@@ -74,6 +76,53 @@ def test_second_repro_runs_nothing_and_says_so(pipeline: Pipeline) -> None:
         assert f"Stage '{name}' didn't change, skipping" in again.output
     assert git(pipeline.repo, "status", "--porcelain", "--", "dvc.lock") == ""
     _skip_if_missing(pipeline.repo, *PIPELINE)
+
+
+def _lock_outputs(repo: Path) -> dict[str, str]:
+    """Every stage output dvc.lock records (metrics and plots included) → its md5."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+    return {out["path"]: out["md5"] for stage in lock["stages"].values()
+            for out in stage.get("outs", [])}
+
+
+def _file_digests(path: Path) -> dict[str, str]:
+    """md5 of the file at `path`, or of every file under it ('' for the file itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {("" if f == path else f.relative_to(path).as_posix()):
+            hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def differing_outputs(first: Path, second: Path) -> list[str]:
+    """The output files (timing outputs aside) whose bytes differ between two reproduced
+    copies of the project, each named."""
+    a, b = _lock_outputs(first), _lock_outputs(second)
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    differing = []
+    for path in sorted(a):
+        if is_timing_output(path) or a[path] == b[path]:
+            continue
+        x, y = _file_digests(first / path), _file_digests(second / path)
+        differing += [f"{path}/{name}".rstrip("/") for name in sorted(x.keys() | y.keys())
+                      if x.get(name) != y.get(name)] or [path]
+    return differing
+
+
+def test_two_clean_repros_write_the_same_bytes(pipeline: Pipeline,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 21: the same params give byte-identical outputs on the same machine, every
+    output but the declared timing outputs (fcn/outputs.py); so `dvc metrics diff` between
+    the two prints nothing."""
+    _skip_if_missing(pipeline.repo, *PIPELINE)
+    second = copy_project(tmp_path_factory.mktemp("again") / "project")
+    shutil.copy2(pipeline.repo / "params.yaml", second / "params.yaml")
+    commit_all(second, "tiny pipeline")
+    rerun = dvc(second, "repro")
+    assert ran_stages(rerun.output) == set(stages(second))  # from clean: every stage ran
+    assert differing_outputs(pipeline.repo, second) == []
+    commit_all(second, "dvc repro")
+    again = dvc(second, "repro", "--force", "--single-item", "train")  # an identical training
+    assert ran_stages(again.output) == {"train"}
+    assert dvc(second, "metrics", "diff").output.strip() == ""
 
 
 # (section, keys to try in order, stages expected to rerun): evaluate, export, deploy and benchmark

@@ -1,0 +1,29 @@
+"""The pipeline outputs that hold timings and machine figures, declared here once.
+
+Every other output of the pipeline is byte-reproducible: two clean default `dvc repro` runs on
+one machine write the same bytes (tested by running the tiny pipeline twice from clean). These
+exist to hold what this machine measured, so they differ from run to run; they are kept apart
+from the scores (no score file holds a wall-clock figure), listed in docs/pipeline.md (a block
+generated from this table) and are never metrics that `dvc metrics diff` of two identical
+trainings would report, except the benchmark stage's own headlines.
+"""
+
+from __future__ import annotations
+
+TIMING_OUTPUTS: dict[str, str] = {
+    "metrics/train_timing": "train: DVCLive's wall-clock figures per epoch (`time/*`: data and "
+                            "compute seconds, samples/s, validation seconds) and its system "
+                            "monitor (CPU, RAM, disk; GPU on CUDA)",
+    "metrics/deploy_latency.json": "deploy: PyTorch's and onnxruntime's latency at "
+                                   "deploy.height × deploy.width on this machine",
+    "metrics/benchmark.json": "benchmark: the headline figures (a metric: the stage is a "
+                              "measurement)",
+    "metrics/benchmark_details.json": "benchmark: every configuration's measurements",
+    "plots/benchmark": "benchmark: the latency, memory and throughput charts and tables",
+}
+"""Output path (as dvc.yaml names it) → what it holds."""
+
+
+def is_timing_output(path: str) -> bool:
+    """Whether `path` (relative to the project) is, or lies inside, a timing output."""
+    return any(path == out or path.startswith(out + "/") for out in TIMING_OUTPUTS)

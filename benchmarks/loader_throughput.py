@@ -6,7 +6,7 @@ in the same run, with the per-step breakdown and what a GPU needs.
         [--out docs/measured/loader_throughput.json] [--json]
 
 It synthesizes `--images` 1024×2048 train images with their masks (or reuses `--data`, a
-folder this script made before), builds the decoded cache from them (`fcn.train.decoded`),
+folder this script made before), builds the decoded cache from them (`fcn.decode`),
 and times, on one thread (`torch.set_num_threads(1)`: per core), the same seeded samples
 through:
 
@@ -55,7 +55,7 @@ from fcn.synthetic import synthesize
 from fcn.train import photometric
 from fcn.train.augment import Recipe, crop_pair, draw, reference_transform
 from fcn.train.data import SegmentationDataset, read_region, sample_seed
-from fcn.train.decoded import decode_stage
+from fcn.decode import decode_stage
 from fcn.train.pairs import load_pair
 
 warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
@@ -184,9 +184,9 @@ def decoders(path: Path, rounds: int) -> dict[str, float]:
 
 
 def verify_cost(decoded: Path, pairs: list, rounds: int) -> dict[str, float]:
-    """What a training run's check of the decoded cache costs (`fcn.train.decoded.verify`,
+    """What a training run's check of the decoded cache costs (`fcn.decode.verify`,
     one thread; the source PNGs are hashed too): seconds per GB of arrays, best of `rounds`."""
-    from fcn.train.decoded import verify
+    from fcn.decode import verify
 
     gb = sum(p.stat().st_size for p in (decoded / "train").rglob("*.npy")) / 1e9
     best = float("inf")

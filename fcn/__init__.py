@@ -5,14 +5,19 @@ calls one function here, which writes the stage's outputs):
 
     params        params.yaml → validated, typed sections; the names parameters may take
     fields        how a section declares a field; its type/range check and JSON Schema
-    cli           what every stage script shares: logging, one-line errors, exit codes
+    stage         what every stage script shares: logging, one-line errors, exit codes
     errors        FcnError (input problems: one line, exit 1), ParamsError, DataError
     model         FCN8s on a torchvision VGG backbone; ImageNet weights
     checkpoint    the checkpoint schema: save, load, load a model, resume check
     sources       the project files a module runs, and their digests (a run's code identity)
+    synthetic     stage `synthesize`: a synthetic dataset in the exact Cityscapes layout
+                  (the default data)
+    class_weights stage `class_weights`: pixel histogram → enet / median-frequency weights
+    decode        stage `decode`: train/val pairs as raw arrays the train loader memory-maps
     deploy        stage `deploy`: ONNX export checked against PyTorch with onnxruntime
+    outputs       the outputs that hold timings and machine figures (the rest are
+                  byte-reproducible)
     metrics       mIoU / Dice / accuracy from confusion matrices (training curves)
-    synthetic     a synthetic dataset in the exact Cityscapes layout (the default data)
     device        the device and precision parameters → torch device, dtype, autocast,
                   gradient scaler, the uint8 → input conversion; every torch.cuda call
     backends      TF32, deterministic algorithms, cuDNN autotuning: set as contexts that
@@ -32,9 +37,8 @@ calls one function here, which writes the stage's outputs):
         render      one annotation → labelIds, labelTrainIds, color, instanceIds
         generate    the stage's work: every annotation, in worker processes, atomically
         agreement   comparison with masks shipped with the dataset, and its figure
-    train/        stages `decode`, `class_weights` and `train`
+    train/        stage `train`
         pairs       an image and its trainId mask: found, size-checked, decoded
-        decoded     stage `decode`: train/val pairs as raw arrays the loader memory-maps
         augment     seeded draws and the uint8 geometry (crop in source coordinates, resize,
                     flip) on the loader side
         photometric the colour jitter, batched on the training device
@@ -44,7 +48,6 @@ calls one function here, which writes the stage's outputs):
         fit         the run: resume, epochs or iterations, early stopping, checkpoints, DVCLive
         resume      a run's state folder outside DVC's outputs (keyed by parameter hash), its
                     lock, and publishing the final checkpoints to train.out
-        class_weights  stage `class_weights`: pixel histogram → enet / median-frequency weights
     predict/      stages `evaluate` and `export`: a trained model on whole images
         predictor   Predictor: whole or sliding windows, multi-scale/flip TTA, OOM fallback
         cli         `fcn-predict`: a folder of images from anywhere

@@ -8,7 +8,7 @@ benchmark.profile=full` is the thorough run for a GPU.
 from pathlib import Path
 
 from fcn.benchmark.run import benchmark_stage
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.params import load_params
 
 

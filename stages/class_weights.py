@@ -2,9 +2,9 @@
 median_frequency class weights computed from it (read by train when train.class_weights names
 a scheme)."""
 
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.params import load_params
-from fcn.train.class_weights import write_class_weights
+from fcn.class_weights import write_class_weights
 
 
 def main() -> None:

@@ -2,9 +2,9 @@
 for the train loader to memory-map (decode.enabled false: only the index, and the loader
 decodes the PNGs)."""
 
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.params import load_params
-from fcn.train.decoded import decode_stage
+from fcn.decode import decode_stage
 
 
 def main() -> None:

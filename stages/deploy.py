@@ -4,7 +4,7 @@ onnxruntime on the val images, and both runtimes timed at full resolution."""
 from pathlib import Path
 
 from fcn.checkpoint import best_path
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.deploy import deploy_stage
 from fcn.params import load_params
 

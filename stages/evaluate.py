@@ -7,7 +7,7 @@ exported earlier instead (found by `<city>_<seq>_<frame>*.png`, as the official 
 from pathlib import Path
 
 from fcn.checkpoint import best_path
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.params import load_params
 from fcn.predict.evaluate import ReportPaths, evaluate_stage
 

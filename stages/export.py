@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fcn.checkpoint import best_path
 from fcn.cityscapes.layout import SPLITS
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.errors import FcnError
 from fcn.params import load_params
 from fcn.predict.cli import add_inference_arguments, with_overrides

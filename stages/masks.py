@@ -1,6 +1,6 @@
 """Stage `masks`: polygons → labelIds, labelTrainIds, color, instanceIds masks + agreement report."""
 
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.masks.generate import masks_stage
 from fcn.params import load_params
 

@@ -1,6 +1,6 @@
 """Stage `synthesize`: write the synthetic Cityscapes-format dataset."""
 
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.params import load_params
 from fcn.synthetic import synthesize
 

@@ -3,7 +3,7 @@
 
 import sys
 
-from fcn.cli import run_stage, stage_parser
+from fcn.stage import run_stage, stage_parser
 from fcn.params import load_params, sections_dict
 from fcn.train.distributed import needs_launch, relaunch
 from fcn.train.fit import fit

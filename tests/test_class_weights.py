@@ -12,7 +12,7 @@ from PIL import Image
 
 from fcn.cityscapes.layout import mask_path
 from fcn.errors import DataError
-from fcn.train.class_weights import (count_pixels, enet_weights, median_frequency_weights,
+from fcn.class_weights import (count_pixels, enet_weights, median_frequency_weights,
                                      read_class_weights, write_class_weights)
 
 

@@ -23,7 +23,7 @@ from fcn.train import photometric
 from fcn.train.augment import Recipe, crop_pair, draw, reference_transform
 from fcn.train.data import (SeededSampler, SegmentationDataset, ShardSampler, sample_seed,
                             worker_count)
-from fcn.train.decoded import array_path, decode_stage
+from fcn.decode import array_path, decode_stage
 from fcn.train.loop import to_device
 from fcn.train.pairs import find_pairs
 

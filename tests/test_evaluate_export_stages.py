@@ -23,7 +23,7 @@ from eval_helpers import eval_data, official_evaluation, write_ground_truth
 from fcn.cityscapes.labels import CLASS_NAMES, TRAINID_TO_ID
 from fcn.checkpoint import best_path
 from fcn.cityscapes.layout import list_images, stem_of
-from fcn.cli import run_stage
+from fcn.stage import run_stage
 from fcn.params import load_params
 from fcn.predict.evaluate import ReportPaths, evaluate_stage
 from fcn.cityscapes.layout import submission_name

@@ -18,7 +18,7 @@ from cityscapesscripts.preparation.json2labelImg import createLabelImage
 from PIL import Image
 
 from fcn.masks.agreement import summarize, worst_report
-from fcn.cli import run_stage
+from fcn.stage import run_stage
 from fcn.errors import DataError
 from fcn.masks.generate import check_output_root, generate, masks_stage
 from fcn.cityscapes.layout import ENCODINGS, mask_path

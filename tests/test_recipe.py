@@ -18,7 +18,7 @@ from fcn import checkpoint as ckpt
 from fcn.model import vgg_features
 from fcn.params import SynthesizeParams, default_params_dict, parse_params, sections_dict
 from fcn.synthetic import synthesize
-from fcn.train.decoded import decode_stage
+from fcn.decode import decode_stage
 from fcn.train.fit import fit
 
 from trainset import write_masks

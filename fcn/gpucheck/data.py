@@ -1,5 +1,5 @@
 """The check's data: synthetic Cityscapes roots (`fcn.synthetic`), their labelTrainIds masks
-(the masks stage's `fcn.masks.generate`) and the decode stage's cache (`fcn.train.decoded`),
+(the masks stage's `fcn.masks.generate`) and the decode stage's cache (`fcn.decode`),
 made in the work folder; and the step that makes them."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fcn.masks.generate import generate
 from fcn.params import SynthesizeParams
 from fcn.synthetic import dataset_items, synthesize, write_item
 from fcn.train.data import SegmentationDataset
-from fcn.train.decoded import decode_stage
+from fcn.decode import decode_stage
 
 DATASETS = ("small", "large", "overfit")
 

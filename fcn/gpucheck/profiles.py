@@ -120,7 +120,7 @@ def cuda_sizes() -> Sizes:
 AGREE = f">= {benchmark.MIN_AGREEMENT:.1%} of pixels"
 LOAN: tuple[Step, ...] = (
     Step("data", "synthetic Cityscapes roots (fcn.synthetic), their labelTrainIds masks "
-         "(fcn.masks.generate) and decoded caches (fcn.train.decoded): every image paired with "
+         "(fcn.masks.generate) and decoded caches (fcn.decode): every image paired with "
          "its mask", data.step_data, (60, 120)),
     *(Step(f"train_{p}", f"optimizer steps of train_one_epoch on one fixed recipe batch in "
            f"{p}: loss finite and its last-quarter mean < {train.MIN_DECREASE} x the first "

@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from fcn.cli import run_stage
+from fcn.stage import run_stage
 from fcn.params import (DEVICES, PRECISIONS, DataParams, ExportParams, default_params_dict,
                         parse_params)
 from fcn.predict.export import predict_folder_stage

@@ -1,7 +1,7 @@
 """The training and validation datasets, and the samplers that feed them to one or more ranks.
 
 A dataset reads its pairs (`fcn.train.pairs`) either from the PNGs or, when the decode stage
-wrote them, from memory-mapped raw arrays (`fcn.train.decoded`): only the rows and columns a
+wrote them, from memory-mapped raw arrays (`fcn.decode`): only the rows and columns a
 crop needs are read. Training samples are augmented on the loader side in uint8
 (`fcn.train.augment`: scale, crop, flip) and carry their photometric parameters to the device
 (`fcn.train.photometric`); validation samples are whole uint8 images. The training loop turns
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from fcn.errors import DataError
 from fcn.images import MAX_PIXELS
-from fcn.train import decoded as cache
+from fcn import decode as cache
 from fcn.train.augment import Recipe, crop_pair, draw
 from fcn.train.pairs import Pair, find_pairs, load_pair
 

@@ -37,7 +37,7 @@ from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, wor
 from fcn.train import resume
 from fcn.train.distributed import Context, broadcast_buffers, setup, teardown
 from fcn.errors import FcnError
-from fcn.train.class_weights import read_class_weights
+from fcn.class_weights import read_class_weights
 from fcn.train.loop import (NonFiniteLossError, PassResult, build_criterion, build_optimizer,
                         build_scheduler, train_one_epoch, validate)
 from fcn.cityscapes.labels import CLASS_NAMES, NUM_CLASSES

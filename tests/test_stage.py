@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fcn.cli import run_stage
+from fcn.stage import run_stage
 from fcn.errors import DataError, ParamsError, one_line
 from trainset import tiny_params, write_params
 

@@ -36,7 +36,8 @@ TINY = BenchmarkParams(device="cpu", height=64, width=128, precisions=["fp32", "
 NUMBERS = ("latency_ms_median", "latency_ms_p90", "latency_ms_min", "throughput_ips",
            "throughput_ips_load_corrected",
            "first_call_s", "peak_memory_mb", "rss_baseline_mb", "peak_rss_growth_mb",
-           "flops_per_image", "achieved_tflops", "matmul_tflops", "utilisation", "agreement")
+           "flops_per_image", "achieved_tflops", "matmul_tflops", "matmul_ratio", "utilisation",
+           "ceiling_tflops", "agreement")
 
 
 def _meta_model(**kwargs) -> FCN8s:
@@ -174,7 +175,8 @@ def test_metrics_hold_the_headline_numbers_of_the_measured_configurations(result
         assert metrics[key] == {"config": entry["name"], **{
             k: entry[k] for k in ("latency_ms_median", "latency_ms_p90", "throughput_ips",
                                   "throughput_ips_load_corrected", "peak_memory_mb",
-                                  "utilisation", "agreement")}}, key
+                                  "utilisation", "ceiling_tflops", "agreement")}}, key
+        assert 0 < entry["utilisation"] <= 1
     assert metrics["fast_path_speedup"] == (fast["throughput_ips_load_corrected"]
                                             / reference["throughput_ips_load_corrected"])
     assert metrics["fast_path_speedup"] >= 1  # the reference itself is eligible
@@ -279,6 +281,39 @@ def test_fast_path_ranking_corrects_for_machine_load():
     assert entries["cl"].throughput_ips_load_corrected == pytest.approx(0.07 * 0.11 / 0.06)
     configs = {name: dataclasses.asdict(entry) for name, entry in entries.items()}
     assert fastest_config({"configs": configs})["name"] == "cl"
+
+
+def _rates(*rows: tuple[str, str, float, float]) -> dict[str, ConfigResult]:
+    return {name: ConfigResult(name, precision, False, False, 1, status="ok",
+                               achieved_tflops=achieved, matmul_tflops=matmul)
+            for name, precision, achieved, matmul in rows}
+
+
+def test_utilisation_is_a_fraction_of_a_ceiling_no_configuration_exceeds():
+    """Issue 21: the committed CPU run reported 111% and 128% 'of the matmul rate' (oneDNN's
+    convolutions outrun its sgemm). Now the ceiling is the datasheet peak or, above it or
+    without one, the best rate measured at that precision: never exceeded."""
+    cpu = _rates(("cl", "fp32", 0.19, 0.17), ("slide", "fp32", 0.22, 0.17),
+                 ("nchw", "fp32", 0.13, 0.18), ("bf16", "bf16", 0.05, 0.40))
+    bench.set_utilisation(cpu, None)
+    assert cpu["slide"].utilisation == 1.0 and cpu["cl"].utilisation == pytest.approx(0.19 / 0.22)
+    assert cpu["nchw"].ceiling_tflops == 0.22 and "no datasheet peak" in cpu["nchw"].ceiling
+    assert cpu["bf16"].utilisation == pytest.approx(0.05 / 0.40)  # its own precision's matmul
+    gpu = _rates(("bf16", "bf16", 600.0, 700.0), ("fp32", "fp32", 80.0, 50.0))
+    bench.set_utilisation(gpu, "NVIDIA H100 80GB HBM3")
+    assert gpu["bf16"].ceiling_tflops == 989.4 and gpu["bf16"].ceiling.startswith("datasheet")
+    assert gpu["fp32"].ceiling_tflops == 80.0 and "above the datasheet" in gpu["fp32"].ceiling
+    assert all(e.utilisation <= 1 for e in [*cpu.values(), *gpu.values()])
+
+
+def test_datasheet_peaks_are_found_by_model_and_never_guessed():
+    from fcn.benchmark.capability import datasheet_peak
+
+    assert datasheet_peak("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert datasheet_peak("NVIDIA H200", "fp16") == 989.4
+    assert datasheet_peak("NVIDIA H100 NVL", "bf16") is None
+    assert datasheet_peak("NVIDIA L4", "bf16") is None and datasheet_peak(None, "fp32") is None
 
 
 def test_config_names_are_unique_and_readable():

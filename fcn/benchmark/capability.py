@@ -1,9 +1,17 @@
 """What the device can do: its dense matmul rate, which precisions it runs natively, and the
 environment the figures were measured in (the TF32 switches themselves are `fcn.backends`').
 
-Utilisation = achieved FLOP/s ÷ the device's dense matmul FLOP/s, measured in the same process
-at the same precision (`matmul_rate`). A precision the device has no kernels for is reported as
-skipped with the reason (`precision_support`), never run for minutes or faked.
+Two rates stand beside a configuration's achieved FLOP/s (fcn.benchmark.run):
+- the dense matmul rate measured in the same process at the same precision (`matmul_rate`):
+  `matmul_ratio` = achieved ÷ it, a diagnostic that can exceed 1 (convolution kernels such as
+  oneDNN's direct or Winograd ones reach more counted FLOP/s than its sgemm: Winograd does
+  fewer multiply-adds than the count);
+- the ceiling at that precision: the datasheet peak where the device is known (`PEAK_TFLOPS`),
+  raised to the best rate measured in the run (any configuration's, or the matmul's) if that
+  is higher: `utilisation` = achieved ÷ ceiling, at most 1 by construction.
+
+A precision the device has no kernels for is reported as skipped with the reason
+(`precision_support`), never run for minutes or faked.
 """
 
 from __future__ import annotations
@@ -24,6 +32,26 @@ from fcn.device import DTYPES, capability, device_name, native_bf16, properties,
 
 MATMUL_REPS = {"cpu": 4, "cuda": 20}
 """Timed products per matmul-rate figure; the best counts."""
+
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0},
+    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},   # SXM5
+    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+}
+"""NVIDIA datasheet dense (no sparsity) peaks per precision, by the name's model; the first
+key found in the device name wins (so 'H100 PCIe' before 'H100')."""
+
+
+def datasheet_peak(device_name: str | None, precision: str) -> float | None:
+    """The datasheet peak TFLOP/s of `precision` on the named device, or None (a CPU, or a
+    GPU not in PEAK_TFLOPS; an NVL or other variant is not guessed)."""
+    if not device_name or "NVL" in device_name:
+        return None
+    for model, peaks in PEAK_TFLOPS.items():
+        if model in device_name:
+            return peaks.get(precision)
+    return None
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:

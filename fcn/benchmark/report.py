@@ -100,26 +100,29 @@ def _mb(value: float | None) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """The measured configurations as a Markdown table (see docs/performance.md)."""
     lines = ["| configuration | median ms | p90 ms | images/s | images/s load-corrected | "
-             f"{memory_label(results)} | TFLOP/s | matmul TFLOP/s | utilisation | agreement |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{memory_label(results)} | TFLOP/s | matmul TFLOP/s | × matmul | utilisation | "
+             "agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in iter_ok(results):
         agreement = "n/a" if e["agreement"] is None else f"{100 * e['agreement']:.4f}%"
         lines.append(
             f"| {e['name']} | {e['latency_ms_median']:.1f} | {e['latency_ms_p90']:.1f} | "
             f"{e['throughput_ips']:.3f} | {e['throughput_ips_load_corrected']:.3f} | "
             f"{_mb(e['peak_memory_mb'])} | {e['achieved_tflops']:.3f} | "
-            f"{e['matmul_tflops']:.3f} | {100 * e['utilisation']:.0f}% | {agreement} |")
+            f"{e['matmul_tflops']:.3f} | {e['matmul_ratio']:.2f} | "
+            f"{100 * e['utilisation']:.0f}% of {e['ceiling_tflops']:.3g} | {agreement} |")
     skipped: dict[str, list[str]] = {}
     for e in results["configs"].values():
         if e["status"] != "ok":
             skipped.setdefault(e["reason"], []).append(e["name"])
     for reason, names in skipped.items():
-        lines.append(f"| {', '.join(names)} | skipped: {reason} | | | | | | | | |")
+        lines.append(f"| {', '.join(names)} | skipped: {reason} | | | | | | | | | |")
     return "\n".join(lines)
 
 
 HEADLINE_FIELDS = ("latency_ms_median", "latency_ms_p90", "throughput_ips",
-                   "throughput_ips_load_corrected", "peak_memory_mb", "utilisation", "agreement")
+                   "throughput_ips_load_corrected", "peak_memory_mb", "utilisation",
+                   "ceiling_tflops", "agreement")
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:

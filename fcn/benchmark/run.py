@@ -3,7 +3,7 @@ results (environment, protocol, FLOPs, one `ConfigResult` per configuration) and
 the fastest configuration whose predictions agree with fp32.
 
 See `fcn.benchmark.plan` for the protocol, `.worker` for how one configuration is timed and
-its memory measured, `.capability` for the matmul rate behind the utilisation figure.
+its memory measured, `.capability` for the rates behind the utilisation figures.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fcn.benchmark.capability import (MATMUL_REPS, environment, load_average, precision_support,
-                                      runtime_support)
+from fcn.benchmark.capability import (MATMUL_REPS, datasheet_peak, environment, load_average,
+                                      precision_support, runtime_support)
 from fcn.benchmark.flops import analytic_flops, counted_flops
 from fcn.benchmark.inputs import benchmark_images, load_weights
 from fcn.benchmark.plan import Config, Protocol, plan
@@ -69,7 +69,10 @@ class ConfigResult:
     flops_per_image: int | None = None
     achieved_tflops: float | None = None
     matmul_tflops: float | None = None
+    matmul_ratio: float | None = None
     utilisation: float | None = None
+    ceiling_tflops: float | None = None
+    ceiling: str | None = None
     agreement: float | None = None
     tf32_matmul: bool | None = None
     tf32_cudnn: bool | None = None
@@ -102,7 +105,7 @@ class ConfigResult:
         self.flops_per_image = flops_per_image
         self.achieved_tflops = achieved / 1e12
         self.matmul_tflops = raw["matmul_flops"] / 1e12
-        self.utilisation = achieved / raw["matmul_flops"]
+        self.matmul_ratio = achieved / raw["matmul_flops"]
         self.tf32_matmul = raw["tf32_matmul"]
         self.tf32_cudnn = raw["tf32_cudnn"]
         self.timer = raw["timer"]
@@ -216,19 +219,21 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
                 log.warning("%s skipped: %s", config.name, reason)
             else:
                 log.info("%s: median %.1f ms, p90 %.1f ms, %.2f images/s, peak %s MB, "
-                         "%.2f TFLOP/s = %.0f%% of matmul", config.name,
+                         "%.2f TFLOP/s = %.2f× the matmul rate", config.name,
                          entry.latency_ms_median, entry.latency_ms_p90, entry.throughput_ips,
                          "n/a" if entry.peak_memory_mb is None else
                          f"{entry.peak_memory_mb:.0f}", entry.achieved_tflops,
-                         100 * entry.utilisation)
+                         entry.matmul_ratio)
     ref = predictions.get(reference.name)
     for name, prediction in predictions.items():
         if name in entries and ref is not None:
             entries[name].agreement = float((prediction == ref).mean())
     _correct_for_load(entries)
+    env = environment(device, protocol)
+    set_utilisation(entries, env["device_name"] if device.type == "cuda" else None)
 
     results: dict[str, Any] = {
-        "environment": environment(device, protocol),
+        "environment": env,
         "protocol": {**dataclasses.asdict(protocol), "weights": params.weights,
                      "timed": "model forward (logits) on an input already on the device",
                      "matmul_reps": MATMUL_REPS[device.type],
@@ -262,6 +267,32 @@ def _correct_for_load(entries: dict[str, ConfigResult]) -> None:
         if entry.status == "ok":
             entry.throughput_ips_load_corrected = (
                 entry.throughput_ips * best[entry.precision] / entry.matmul_tflops)
+
+
+def set_utilisation(entries: dict[str, ConfigResult], device_name: str | None) -> None:
+    """Each measured configuration's `utilisation`: its achieved FLOP/s over the ceiling at its
+    precision, the datasheet peak of `device_name` (fcn.benchmark.capability.PEAK_TFLOPS)
+    raised to the best rate measured in this run (any configuration's or matmul's) if higher;
+    so at most 1, and `ceiling` says which it is."""
+    measured: dict[str, float] = {}
+    for entry in entries.values():
+        if entry.status == "ok":
+            measured[entry.precision] = max(measured.get(entry.precision, 0.0),
+                                            entry.achieved_tflops, entry.matmul_tflops)
+    for entry in entries.values():
+        if entry.status != "ok":
+            continue
+        peak = datasheet_peak(device_name, entry.precision)
+        best = measured[entry.precision]
+        if peak is not None and peak >= best:
+            entry.ceiling_tflops, entry.ceiling = peak, f"datasheet peak of {device_name}"
+        else:
+            entry.ceiling_tflops = best
+            entry.ceiling = (f"best {entry.precision} rate measured in this run (above the "
+                             f"datasheet peak of {device_name})" if peak is not None else
+                             f"best {entry.precision} rate measured in this run (a matmul or "
+                             "a configuration; no datasheet peak for this device)")
+        entry.utilisation = entry.achieved_tflops / entry.ceiling_tflops
 
 
 def fastest_config(results: dict[str, Any], min_agreement: float = MIN_AGREEMENT,

@@ -317,6 +317,33 @@ def _check_relations(params: Params, problems: list[str]) -> None:
     for key in ("quick_batch_sizes", "full_batch_sizes"):
         if min(getattr(b, key), default=1) < 1:
             problems.append(f"benchmark.{key}: expected positive integers, got {getattr(b, key)}")
+    _check_output_folders(params, problems)
+
+
+SHIPPED = ("gtFine", "gtCoarse", "leftImg8bit")
+"""The dataset's own folders under data.root: no output may be written into them."""
+
+
+def _check_output_folders(params: Params, problems: list[str]) -> None:
+    """The folders stages replace whole (data.generated, decode.out, train.out, export.out)
+    must not be data.root, lie in its shipped folders or hold it, nor overlap each other: a
+    careless path would otherwise replace the dataset, or one stage's outputs another's."""
+    root = Path(params.data.root).resolve()
+    outputs = {"data.generated": params.data.generated, "decode.out": params.decode.out,
+               "train.out": params.train.out, "export.out": params.export.out}
+    resolved = {key: Path(value).resolve() for key, value in outputs.items()}
+    for key, folder in resolved.items():
+        if folder == root or root.is_relative_to(folder) or any(
+                folder.is_relative_to(root / shipped) for shipped in SHIPPED):
+            problems.append(f"{key}: {outputs[key]!r} would replace or write into the dataset "
+                            f"(data.root {params.data.root!r}), which the stage replaces whole; "
+                            "choose a folder outside it")
+    keys = list(resolved)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if resolved[a].is_relative_to(resolved[b]) or resolved[b].is_relative_to(resolved[a]):
+                problems.append(f"{a}, {b}: {outputs[a]!r} and {outputs[b]!r} overlap; each "
+                                "stage replaces its folder whole, so they must be apart")
 
 
 def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:

@@ -140,6 +140,27 @@ def test_the_params_check_prints_a_header_then_one_line_per_problem(tmp_path):
                                                       "  - train.lr"]
 
 
+@pytest.mark.parametrize("sections, words", [
+    ({"decode": {"out": "data/synthetic"}}, "decode.out: 'data/synthetic' would replace"),
+    ({"export": {"out": "data/synthetic/leftImg8bit/x"}}, "export.out: 'data/synthetic/leftImg8bit/x' would"),
+    ({"train": {"out": "data"}}, "train.out: 'data' would replace"),  # holds the dataset
+    ({"decode": {"out": "data/generated"}}, "data.generated, decode.out: 'data/generated' and "
+                                           "'data/generated' overlap"),
+    ({"export": {"out": "models/export"}}, "train.out, export.out: 'models' and 'models/export' "
+                                          "overlap"),
+])
+def test_output_folders_that_would_replace_the_dataset_or_each_other_are_refused(sections,
+                                                                                 words):
+    """A careless path (decode.out set to the dataset) used to have the stage replace the
+    dataset whole; now the params check refuses it before any work."""
+    assert words in _problems(_raw(**sections))
+
+
+def test_output_folders_beside_the_shipped_ones_are_fine():
+    parse_params(_raw(train={"out": "data/synthetic/models"},
+                      data={"generated": "data/synthetic/generated"}), "params.yaml")
+
+
 def test_yaml_tags_are_never_executed(tmp_path):
     evil = tmp_path / "params.yaml"
     evil.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")

@@ -2,7 +2,7 @@
 train stages, cold and then warm.
 
     .venv/bin/python benchmarks/dvc_hashing.py [--files 5000] [--min-mb 2] [--max-mb 5]
-        [--workdir DIR] [--out docs/measured/dvc_hashing.json]
+        [--workdir DIR] [--cold] [--out docs/measured/dvc_hashing.json] [--smoke]
 
 Real Cityscapes has 5,000 leftImg8bit PNGs of 2–5 MB (~11 GB) and 5,000 small gtFine
 annotations. This writes `--files` files of that size (random bytes: incompressible, like PNG
@@ -17,7 +17,8 @@ folders, 3,475/5,000 of the files), and times:
 The first figure is the cost the first `dvc repro` on real data pays before a stage runs (and
 again for any file whose mtime changes); the second is the cost of every later
 `dvc status`/`dvc repro`. The files' page cache is dropped where possible (`--cold`, root
-only), else the cold figure is the hashing of cached pages, i.e. MD5 speed.
+only), else the cold figure is the hashing of cached pages, i.e. MD5 speed. `--smoke` is a
+seconds-long run of the same steps on 10 files of 1–2 kB that CI runs so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,15 +73,19 @@ def drop_caches() -> bool:
         return False
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--min-mb", type=float, default=2.0)
     parser.add_argument("--max-mb", type=float, default=5.0)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--cold", action="store_true", help="drop the page cache first (root)")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run that checks the script works (CI): 10 files of 1-2 kB")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.files, args.min_mb, args.max_mb = 10, 0.001, 0.002
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         repo = Path(tmp)
@@ -103,8 +109,8 @@ def main() -> None:
               "first_status_s": first, "first_gb_per_s": gb / first,
               "second_status_s": second, "machine": platform.processor() or platform.machine(),
               "command": "python benchmarks/dvc_hashing.py"}
-    print(f"{args.files} files, {gb:.1f} GB (written in {written:.0f} s): first dvc status "
-          f"{first:.1f} s ({gb / first:.2f} GB/s, page cache "
+    print(f"{args.files} files, {gb:.3g} GB (written in {written:.1f} s): first dvc status "
+          f"{first:.1f} s ({gb / first:.3g} GB/s, page cache "
           f"{'dropped' if cold else 'warm'}), second {second:.1f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

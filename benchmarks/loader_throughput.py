@@ -3,7 +3,7 @@ in the same run, with the per-step breakdown and what a GPU needs.
 
     .venv/bin/python benchmarks/loader_throughput.py [--images 4] [--samples 48] [--rounds 3]
         [--crop 512 1024] [--scale 0.5 2.0] [--jitter 0.5] [--batch 8] [--data DIR]
-        [--out docs/measured/loader_throughput.json] [--json]
+        [--image 1024 2048] [--out docs/measured/loader_throughput.json] [--json] [--smoke]
 
 It synthesizes `--images` 1024×2048 train images with their masks (or reuses `--data`, a
 folder this script made before), builds the decoded cache from them (`fcn.decode`),
@@ -25,7 +25,9 @@ runs batched on the training device; its cost on this CPU is printed for CPU tra
 is not loader work. The decoders torchvision.io, PIL (and pyspng / OpenCV where installed) are
 timed on one image. Last, the GPU demand: FLOPs of one training sample (3 × the forward of a
 crop) against an H100's dense bf16 rate tell how many samples/s a GPU takes, and so how many
-cores each path needs to keep it busy.
+cores each path needs to keep it busy. `--json` ends the output with one line: a JSON object
+of the headline figures (HEADLINE). `--smoke` is a seconds-long run at a tiny size (2 images of
+64x128, crop 32x64, 4 samples, 1 round) that CI runs so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from torch.utils.data import default_collate
 from torchvision import tv_tensors
 
 from fcn.benchmark.flops import analytic_flops
+from fcn.device import to_model_input
 from fcn.masks.generate import generate
 from fcn.model import FCN8s
 from fcn.params import SynthesizeParams
@@ -62,13 +65,17 @@ warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
 
 H100_BF16_TFLOPS = 990.0  # dense bf16 tensor-core peak (NVIDIA H100 SXM datasheet)
 UTILISATION = (0.4, 0.8)  # the range a well-fed training step reaches
+HEADLINE = ("samples_per_s_per_core", "old_samples_per_s_per_core", "ratio")
+"""The keys of the last line `--json` prints."""
 
 
-def make_data(folder: Path, images: int) -> tuple[Path, Path, Path]:
-    """(root, generated, decoded) of `images` synthetic 1024×2048 train images (val: 1)."""
+def make_data(folder: Path, images: int, height: int = 1024, width: int = 2048
+              ) -> tuple[Path, Path, Path]:
+    """(root, generated, decoded) of `images` synthetic height×width train images (val: 1);
+    a folder that already holds them is reused as it is."""
     root, generated, decoded = folder / "cityscapes", folder / "generated", folder / "decoded"
     if not (decoded / "index.json").exists():
-        synthesize(root, SynthesizeParams(seed=3, height=1024, width=2048,
+        synthesize(root, SynthesizeParams(seed=3, height=height, width=width,
                                           train_cities=["aachen"], val_cities=["frankfurt"],
                                           test_cities=["berlin"], train_per_city=images,
                                           val_per_city=1, test_per_city=1))
@@ -146,7 +153,7 @@ def breakdown(pngs: SegmentationDataset, cached: SegmentationDataset, recipe: Re
     steps["new"]["collate"] = ms(lambda: default_collate(new_batch)) / batch
     images, _, params = default_collate(new_batch)
     steps["new"]["photometric (on the device; this CPU)"] = ms(
-        lambda: photometric.jitter(photometric.to_float(images), params)) / batch
+        lambda: photometric.jitter(to_model_input(images), params)) / batch
     return steps
 
 
@@ -206,7 +213,7 @@ def gpu_demand(crop: tuple[int, int], rates: dict[str, float]) -> dict[str, Any]
             "cores_needed": {name: [t / rate for t in takes] for name, rate in rates.items()}}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--samples", type=int, default=48)
@@ -215,16 +222,27 @@ def main() -> None:
     parser.add_argument("--scale", type=float, nargs=2, default=[0.5, 2.0])
     parser.add_argument("--jitter", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--data", type=Path, help="a folder to make the images in, or reuse")
+    parser.add_argument("--image", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"),
+                        help="the synthesized images' size")
+    parser.add_argument("--data", type=Path, help="a folder to make the images in, or reuse "
+                        "(made at --image; reused as it is)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the "
                         "headline figures")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run that checks the script works (CI): 2 images of "
+                             "64x128, crop 32x64, 4 samples, batch 2, 1 round")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.samples, args.rounds, args.batch = 2, 4, 1, 2
+        args.image, args.crop = [64, 128], [32, 64]
+    height, width = args.image
     torch.set_num_threads(1)
     recipe = Recipe.of(args.crop, args.scale, True, args.jitter)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root, generated, decoded = make_data(args.data or Path(tmp), args.images)
+        root, generated, decoded = make_data(args.data or Path(tmp), args.images, height,
+                                             width)
         pngs = SegmentationDataset(root, generated, "train", recipe)
         cached = SegmentationDataset(root, generated, "train", recipe, decoded)
         keys = [(i % len(cached), sample_seed(0, 0, i)) for i in range(args.samples)]
@@ -249,7 +267,7 @@ def main() -> None:
         "ratio": rates["new"] / rates["old"], "new_png_samples_per_s_per_core": rates["new_png"],
         "breakdown_ms_per_sample": steps, "decode_ms": decode_ms, "gpu": demand,
         "cache_verify": verify,
-        "recipe": {"image": [1024, 2048], "crop": list(recipe.crop),
+        "recipe": {"image": [height, width], "crop": list(recipe.crop),
                    "scale": list(recipe.scale), "flip": True, "jitter": recipe.jitter,
                    "batch": args.batch},
         "samples": args.samples, "rounds": args.rounds, "threads": 1,
@@ -257,7 +275,8 @@ def main() -> None:
         "command": "python benchmarks/loader_throughput.py",
     }
 
-    print(f"Train loader at the recipe (1024x2048 images, crop {recipe.crop[0]}x{recipe.crop[1]}, "
+    print(f"Train loader at the recipe ({height}x{width} images, "
+          f"crop {recipe.crop[0]}x{recipe.crop[1]}, "
           f"scale {recipe.scale[0]}-{recipe.scale[1]}, flip, jitter {recipe.jitter}), one core, "
           f"{args.samples} samples, batch {args.batch}, best of {args.rounds}:")
     print(f"  old (PNG decode, whole-image resize, uint8 jitter): {rates['old']:7.1f} samples/s")
@@ -268,7 +287,7 @@ def main() -> None:
     print("Per step, ms per sample:")
     for path, parts in steps.items():
         print(f"  {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
-    print("PNG decoders, one 1024x2048 RGB image: " +
+    print(f"PNG decoders, one {height}x{width} RGB image: " +
           ", ".join(f"{k} {v:.1f} ms" for k, v in decode_ms.items()))
     print(f"Checking the decoded cache before training (SHA-256 of every array, one thread): "
           f"{verify['seconds_per_gb']:.2f} s per GB ({verify['gb']:.3f} GB in "
@@ -284,8 +303,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.json:
-        print(json.dumps({k: result[k] for k in ("samples_per_s_per_core",
-                                                 "old_samples_per_s_per_core", "ratio")}))
+        print(json.dumps({key: result[key] for key in HEADLINE}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How often bf16/fp16 (and TF32 on CUDA) change FCN8s's argmax prediction versus fp32.
 
     .venv/bin/python benchmarks/precision_agreement.py [--checkpoint models/best.pt]
-        [--height 256] [--width 512] [--images 2] [--device auto]
+        [--height 256] [--width 512] [--images 2] [--device auto] [--smoke]
 
 The benchmark stage reports agreement only for the configurations the device can time; on a
 CPU without native bf16/fp16 those are skipped. This script answers the accuracy half of the
@@ -10,24 +10,48 @@ same rounding to bf16/fp16 between layers), on the benchmark's synthetic street 
 the trained-like model and, given --checkpoint, a trained one. It prints the pixel agreement
 with fp32 and the logit margin (top-1 minus top-2) quantiles that explain it: pixels whose
 margin is below the low precision's rounding error are the ones that flip.
+
+`--smoke` is a seconds-long run at a tiny size (one 64x128 image) that CI runs so the script
+cannot rot; without --checkpoint it saves a random FCN8s as a checkpoint in a temporary folder
+and loads it back as the --checkpoint path does, so that path runs too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tempfile
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from fcn.benchmark.capability import precision_support
 from fcn.benchmark.inputs import benchmark_images, predict_classes, to_input, trained_like_model
 from fcn.benchmark.run import MIN_AGREEMENT
-from fcn.checkpoint import load_model
+from fcn.checkpoint import FORMAT, load_model, save
+from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.device import resolve_device
+from fcn.model import FCN8s
 from fcn.params import ModelParams
 
 
-def main() -> None:
+def random_checkpoint(path: Path, params: ModelParams, seed: int) -> Path:
+    """A checkpoint of a seeded random FCN8s (random score layers too, so it predicts more than
+    one class) with the keys best.pt has, written where `load_model` reads it."""
+    torch.manual_seed(seed)
+    model = FCN8s(params.backbone, NUM_CLASSES, params.fc67, params.fc_channels)
+    with torch.no_grad():
+        for layer in (model.score_pool3, model.score_pool4, model.score_pool5):
+            layer.weight.normal_(0, 0.01)
+    save(path, {"format": FORMAT, "model": model.state_dict(),
+                "model_params": dataclasses.asdict(params), "num_classes": NUM_CLASSES,
+                "epoch": 0, "params_hash": "", "metrics": {}})
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="also test this training checkpoint")
     parser.add_argument("--backbone", default="vgg11_bn")
@@ -36,7 +60,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run that checks the script works (CI): one 64x128 image; "
+                             "a random checkpoint when --checkpoint is not given")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.height, args.width = 1, 64, 128
 
     device = resolve_device(args.device)
     params = ModelParams(backbone=args.backbone)
@@ -44,6 +73,10 @@ def main() -> None:
     models = {"trained_like": trained_like_model(params, images[0], args.seed)}
     if args.checkpoint:
         models[args.checkpoint] = load_model(args.checkpoint, params)
+    elif args.smoke:
+        with tempfile.TemporaryDirectory(prefix="precision_agreement_") as tmp:
+            path = random_checkpoint(Path(tmp) / "random.pt", params, args.seed)
+            models["random checkpoint"] = load_model(path, params)
     precisions = ["tf32", "bf16", "fp16"] if device.type == "cuda" else ["bf16", "fp16"]
     print(f"{args.images} synthetic images {args.height}x{args.width} on {device}; "
           f"fast path needs agreement >= {100 * MIN_AGREEMENT:.1f}%")

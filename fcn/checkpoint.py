@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -171,13 +172,30 @@ def best_subset(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 # --- writing and reading ----------------------------------------------------------------------
 
+def _interned(value: Any) -> Any:
+    """`value` with every string (dict keys included) interned. Pickle writes a string once
+    and refers back to it when the same object recurs: a run resumed from a loaded checkpoint
+    holds equal but distinct key objects ('step' once per parameter's optimizer state), an
+    uninterrupted run shared ones, so the same checkpoint pickled to different bytes."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k): _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_interned(v) for v in value)
+    return value
+
+
 def save(path: str | Path, checkpoint: dict[str, Any]) -> None:
-    """Write atomically: the old file stays until the new one is complete. Through a file
-    object, so the bytes do not depend on the temporary file's random name (torch.save names
-    the archive's folder after a path it is given): equal checkpoints are equal files, and DVC
-    does not rerun evaluate, export and deploy for a retrained model that did not change."""
+    """Write atomically: the old file stays until the new one is complete. Equal checkpoints
+    are equal files, however the run got there (uninterrupted or resumed: strings interned),
+    and whatever the temporary file's random name (written through a file object: torch.save
+    names the archive's folder after a path it is given); so DVC does not rerun evaluate,
+    export and deploy for a retrained model that did not change."""
     with atomic_path(path) as tmp, tmp.open("wb") as file:
-        torch.save(checkpoint, file)
+        torch.save(_interned(checkpoint), file)
 
 
 def _tensors(value: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:

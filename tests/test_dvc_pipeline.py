@@ -5,6 +5,8 @@ test then asks what a user would: does a second `dvc repro` do nothing, does cha
 param rerun exactly the stages downstream of it (and does setting it back restore from the
 run-cache), does `dvc exp run -S` record an experiment that `dvc exp show`/`metrics diff`
 report, and does `dvc plots show` write the curves, per-class IoU, confusion and samples.
+A second copy with the same params, its `dvc repro` killed while training and run again,
+must resume and end with the same bytes in every output but the timing outputs (issue 21).
 A stage not yet declared in dvc.yaml makes the part that needs it skip, naming the stage.
 """
 
@@ -16,6 +18,10 @@ import json
 import shlex
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ import yaml
 
 from cdp import Chromium, find_chromium, render_plots_page
 from fcn.outputs import is_timing_output
-from dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, git,
+from dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, environment, git,
                       make_tiny, missing, ran_stages, read_params, set_param, stages)
 
 pytestmark = pytest.mark.slow
@@ -107,22 +113,60 @@ def differing_outputs(first: Path, second: Path) -> list[str]:
     return differing
 
 
-def test_two_clean_repros_write_the_same_bytes(pipeline: Pipeline,
-                                               tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Issue 21: the same params give byte-identical outputs on the same machine, every
-    output but the declared timing outputs (fcn/outputs.py); so `dvc metrics diff` between
-    the two prints nothing."""
+@dataclass
+class Resumed:
+    """A second copy with the same params, reproduced from clean with its train stage killed
+    after epoch 1 (dvc and the stage at once), then reproduced again."""
+
+    repo: Path
+    killed: str
+    again: Result
+
+
+@pytest.fixture(scope="module")
+def resumed(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Resumed:
     _skip_if_missing(pipeline.repo, *PIPELINE)
-    second = copy_project(tmp_path_factory.mktemp("again") / "project")
-    shutil.copy2(pipeline.repo / "params.yaml", second / "params.yaml")
-    commit_all(second, "tiny pipeline")
-    rerun = dvc(second, "repro")
-    assert ran_stages(rerun.output) == set(stages(second))  # from clean: every stage ran
-    assert differing_outputs(pipeline.repo, second) == []
-    commit_all(second, "dvc repro")
-    again = dvc(second, "repro", "--force", "--single-item", "train")  # an identical training
+    repo = copy_project(tmp_path_factory.mktemp("again") / "project")
+    shutil.copy2(pipeline.repo / "params.yaml", repo / "params.yaml")
+    commit_all(repo, "tiny pipeline")
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo,
+                               env=environment(repo), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    assert process.stdout is not None
+    for line in process.stdout:  # logged after epoch 1's checkpoint is written
+        lines.append(line)
+        if f"epoch 1/{EPOCHS}" in line:
+            os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage's python, at once
+            break
+    process.wait(timeout=60)
+    killed = "".join(lines)
+    assert process.returncode == -signal.SIGKILL, killed[-3000:]
+    assert not (repo / "models").exists()  # DVC removed train's outputs before running it
+    return Resumed(repo, killed, dvc(repo, "repro"))
+
+
+def test_a_killed_repro_resumes_training_where_it_stopped(resumed: Resumed) -> None:
+    """DVC deletes the train stage's outputs before running it: the resume state lives
+    outside them (train.resume_dir; conftest points XDG_CACHE_HOME at a temporary folder), so
+    the next `dvc repro` resumes after epoch 1 instead of starting again, and the stages that
+    had finished are not rerun."""
+    ran = ran_stages(resumed.again.output)
+    assert "train" in ran and not ran & {"synthesize", "masks", "class_weights", "decode"}, ran
+    assert f"after epoch 1 of {EPOCHS}" in resumed.again.output, resumed.again.output[-3000:]
+
+
+def test_a_clean_and_an_interrupted_repro_write_the_same_bytes(pipeline: Pipeline,
+                                                               resumed: Resumed) -> None:
+    """Issue 21: the same params give byte-identical outputs on the same machine, every output
+    but the declared timing outputs (fcn/outputs.py), whether a run went through uninterrupted
+    or was killed and resumed (checkpoints, scores, predictions, ONNX, caches, plots); and
+    `dvc metrics diff` after an identical retraining prints nothing."""
+    assert differing_outputs(pipeline.repo, resumed.repo) == []
+    commit_all(resumed.repo, "dvc repro")
+    again = dvc(resumed.repo, "repro", "--force", "--single-item", "train")
     assert ran_stages(again.output) == {"train"}
-    assert dvc(second, "metrics", "diff").output.strip() == ""
+    assert dvc(resumed.repo, "metrics", "diff").output.strip() == ""
 
 
 # (section, keys to try in order, stages expected to rerun): evaluate, export, deploy and benchmark

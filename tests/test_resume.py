@@ -36,6 +36,19 @@ def test_a_second_run_of_the_same_parameters_is_refused_and_harms_nothing(tmp_pa
     assert (folder / "last.pt").exists()  # a checkpoint to resume from: kept
 
 
+def test_a_checkpoint_holding_equal_but_distinct_strings_is_the_same_file(tmp_path):
+    """A resumed run's optimizer state holds the key 'step' unpickled from last.pt (a string
+    object of its own), an uninterrupted run's the interned literal it shares with the
+    checkpoint's own 'step': pickle wrote them differently, so last.pt differed by resuming."""
+    fresh = {"step": 3, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}}}
+    unpickled = "".join(["st", "ep"])  # equal to 'step', another object
+    assert unpickled is not "step"  # noqa: F632 (the point of the test)
+    resumed = {"step": 3, "optimizer": {"state": {0: {unpickled: torch.tensor(3.0)}}}}
+    ckpt.save(tmp_path / "a.pt", fresh)
+    ckpt.save(tmp_path / "b.pt", resumed)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
 def test_a_folder_left_without_a_checkpoint_is_removed(tmp_path):
     folder = resume.state_dir(tmp_path, HASHED)
     with resume.locked(folder, HASHED):

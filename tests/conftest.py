@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +11,8 @@ import pytest
 
 from fcn.params import SynthesizeParams
 from fcn.synthetic import synthesize
-
-TINY = SynthesizeParams(
-    seed=7, height=64, width=128,
-    train_cities=["aachen", "bochum"], val_cities=["frankfurt"], test_cities=["berlin"],
-    train_per_city=3, val_per_city=2, test_per_city=2,
-)
+from helpers.tiny import TINY, TWO_PROCESS_EPOCHS
+from helpers import trainset
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d (removed in numpy 2.4)
     np.in1d = np.isin  # type: ignore[attr-defined]
@@ -49,14 +44,9 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """labelTrainIds masks of the tiny dataset, made once per session (read-only for tests)."""
-    from trainset import write_masks  # trainset imports this module: not at its top
-
     generated = tmp_path_factory.mktemp("generated")
-    write_masks(tiny_dataset, generated)
+    trainset.write_masks(tiny_dataset, generated)
     return generated
-
-
-TWO_PROCESS_EPOCHS = 2
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +56,12 @@ def two_process_run(tiny_dataset: Path, masks: Path,
     TWO_PROCESS_EPOCHS epochs, no system monitor: the reference that the two-node and the
     elastic-restart tests compare with, trained once per session (read-only). The folder holds
     params.yaml, models/ and live/."""
-    from trainset import tiny_params, train_command, write_params
-
     run = tmp_path_factory.mktemp("two-process")
     # no system monitor: its samples (times, loads) differ between any two runs
-    write_params(run / "params.yaml",
-                 tiny_params(tiny_dataset, masks, run / "models", epochs=TWO_PROCESS_EPOCHS,
-                             nproc=2, monitor_system=False))
-    done = subprocess.run(train_command(run), capture_output=True, text=True, timeout=600)
+    trainset.write_params(run / "params.yaml",
+                          trainset.tiny_params(tiny_dataset, masks, run / "models",
+                                               epochs=TWO_PROCESS_EPOCHS, nproc=2,
+                                               monitor_system=False))
+    done = subprocess.run(trainset.train_command(run), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]  # relaunched: torchrun, 2 processes
     return run
-
-
-def with_changes(params, **changes):
-    return dataclasses.replace(params, **changes)

@@ -378,7 +378,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A random (untrained) FCN8s checkpoint: what it predicts does not matter here."""
     import torch
 
-    from eval_helpers import save_checkpoint
+    from helpers.eval_data import save_checkpoint
     from fcn.model import FCN8s
 
     torch.manual_seed(0)

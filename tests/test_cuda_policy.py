@@ -32,7 +32,7 @@ from fcn.train.distributed import Context
 from fcn.train.fit import fit
 from fcn.train.loop import TrainStep, build_criterion, build_optimizer, build_scheduler
 
-from trainset import tiny_params
+from helpers.trainset import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")

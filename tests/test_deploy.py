@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from eval_helpers import eval_data
+from helpers.eval_data import eval_data
 from fcn import deploy
 from fcn.deploy import Agreement, DeployError, deploy_stage, export_onnx, session, to_input
 from fcn.errors import DataError, FcnError

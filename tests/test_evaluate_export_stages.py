@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from eval_helpers import eval_data, official_evaluation, write_ground_truth
+from helpers.eval_data import eval_data, official_evaluation, write_ground_truth
 from fcn.cityscapes.labels import CLASS_NAMES, TRAINID_TO_ID
 from fcn.checkpoint import best_path
 from fcn.cityscapes.layout import list_images, stem_of

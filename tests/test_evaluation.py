@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from eval_helpers import assert_agrees, eval_data, official_evaluation
+from helpers.eval_data import assert_agrees, eval_data, official_evaluation
 from fcn.errors import DataError
 from fcn.cityscapes.scoring import (AVG_CLASS_SIZE, INSTANCE_CATEGORIES, CityscapesEvaluator, EvalFiles,
                             evaluate_files, ground_truth_files, match_predictions)

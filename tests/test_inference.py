@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import save_checkpoint
+from helpers.eval_data import save_checkpoint
 from fcn.errors import DataError, FcnError
 from fcn.checkpoint import load_model
 from fcn.device import resolve_device

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval_helpers import eval_data
+from helpers.eval_data import eval_data
 from fcn.checkpoint import load_model
 from fcn.predict.predictor import Predictor
 

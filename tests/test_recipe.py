@@ -21,7 +21,7 @@ from fcn.synthetic import synthesize
 from fcn.decode import decode_stage
 from fcn.train.fit import fit
 
-from trainset import write_masks
+from helpers.trainset import write_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fcn8s_vgg11bn_512x1024_80k_cityscapes.args"

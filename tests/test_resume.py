@@ -42,7 +42,8 @@ def test_a_checkpoint_holding_equal_but_distinct_strings_is_the_same_file(tmp_pa
     checkpoint's own 'step': pickle wrote them differently, so last.pt differed by resuming."""
     fresh = {"step": 3, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}}}
     unpickled = "".join(["st", "ep"])  # equal to 'step', another object
-    assert unpickled is not "step"  # noqa: F632 (the point of the test)
+    literal = "step"
+    assert unpickled == literal and unpickled is not literal  # the point of the test
     resumed = {"step": 3, "optimizer": {"state": {0: {unpickled: torch.tensor(3.0)}}}}
     ckpt.save(tmp_path / "a.pt", fresh)
     ckpt.save(tmp_path / "b.pt", resumed)
@@ -109,7 +110,7 @@ def test_a_run_killed_before_a_code_edit_starts_afresh_after_it(tiny_dataset, ma
     from fcn.train import fit as fit_module
     from fcn import sources
 
-    from trainset import state_folder, tiny_params
+    from helpers.trainset import state_folder, tiny_params
 
     params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=2))
     log_epoch = fit_module._log_epoch

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fcn.stage import run_stage
 from fcn.errors import DataError, ParamsError, one_line
-from trainset import tiny_params, write_params
+from helpers.trainset import tiny_params, write_params
 
 
 class _BadSecondFile(Dataset):

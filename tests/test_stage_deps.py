@@ -11,6 +11,8 @@ statement, function-level ones included), so the declared deps cannot silently r
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,26 @@ def test_the_package_init_holds_only_its_docstring() -> None:
         body = ast.parse(init.read_text(encoding="utf-8")).body
         assert len(body) == 1 and isinstance(body[0], ast.Expr) \
             and isinstance(body[0].value, ast.Constant), f"{init}: only a docstring, please"
+
+
+def test_every_third_party_module_the_tests_import_is_declared():
+    """pyproject's dependencies and test extras name every package a test imports (psutil
+    was used by three test files without being declared)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    declared_as = {"PIL": "pillow", "yaml": "pyyaml", "cityscapesscripts": "cityscapesscripts",
+                   "dvc_render": "dvc-render"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    names = {re.split(r"[<>=!~ \[;]", r, maxsplit=1)[0].lower() for r in requirements}
+    local = {"fcn", "helpers", "generate", "conftest"}  # the project, tests/helpers, docs/generate
+    imported = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - local
+    missing = {m for m in third_party if declared_as.get(m, m).lower() not in names}
+    assert not missing, f"imported by tests but not declared in pyproject.toml: {sorted(missing)}"

@@ -15,7 +15,7 @@ from fcn.metrics import summary
 from fcn.cityscapes.annotations import read_annotation
 from fcn.synthetic import synthesize
 
-from conftest import TINY, with_changes
+from helpers.tiny import TINY, with_changes
 
 IMAGE = re.compile(r"leftImg8bit/(train|val|test)/([a-z0-9]+)/\2_\d{6}_\d{6}_leftImg8bit\.png")
 POLYGONS = re.compile(

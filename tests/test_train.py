@@ -27,7 +27,7 @@ from fcn.device import grad_scaler
 from fcn.params import Params, TrainParams, parse_params, sections_dict
 from fcn.train.fit import fit
 
-from trainset import state_folder, tiny_params, train_command, write_params
+from helpers.trainset import state_folder, tiny_params, train_command, write_params
 
 CPU = Context(0, 1, torch.device("cpu"))
 

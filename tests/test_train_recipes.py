@@ -26,7 +26,7 @@ from fcn.train.distributed import Context
 from fcn.train.fit import fit, schedule
 from fcn.train.loop import PassResult, build_optimizer, build_scheduler, train_one_epoch
 
-from trainset import tiny_params
+from helpers.trainset import tiny_params
 
 CPU = Context(0, 1, torch.device("cpu"))
 

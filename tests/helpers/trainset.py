@@ -21,9 +21,9 @@ from fcn.cityscapes.labels import ID_TO_TRAINID
 from fcn.masks.render import draw_label_ids
 from fcn.params import default_params_dict
 
-from conftest import TINY
+from helpers.tiny import TINY
 
-TRAIN_STAGE = Path(__file__).resolve().parents[1] / "stages" / "train.py"
+TRAIN_STAGE = Path(__file__).resolve().parents[2] / "stages" / "train.py"
 
 
 def train_command(run: Path) -> list[str]:

@@ -20,8 +20,8 @@ import torch
 
 from fcn import checkpoint as ckpt
 
-from conftest import TWO_PROCESS_EPOCHS
-from trainset import tiny_params, train_command, write_params
+from helpers.tiny import TWO_PROCESS_EPOCHS
+from helpers.trainset import tiny_params, train_command, write_params
 
 pytestmark = pytest.mark.slow
 

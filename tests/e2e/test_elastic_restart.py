@@ -31,8 +31,8 @@ from fcn import checkpoint as ckpt
 from fcn.train.distributed import needs_launch
 from fcn.train.resume import LOCK
 
-from conftest import TWO_PROCESS_EPOCHS as EPOCHS
-from trainset import tiny_params, train_command, write_params
+from helpers.tiny import TWO_PROCESS_EPOCHS as EPOCHS
+from helpers.trainset import tiny_params, train_command, write_params
 
 def _setup(tiny_dataset: Path, masks: Path, run: Path, max_restarts: int,
            epochs: int = EPOCHS) -> Path:
@@ -145,7 +145,7 @@ exit $status
 def chain_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny DVC project whose train stage runs 2 processes for 500 epochs, its upstream
     stages done, and a forking $SHELL for DVC."""
-    from dvc_repo import commit_all, copy_project, dvc, make_tiny, set_param
+    from helpers.dvc_repo import commit_all, copy_project, dvc, make_tiny, set_param
 
     repo = copy_project(tmp_path_factory.mktemp("chain") / "project")
     make_tiny(repo)
@@ -177,7 +177,7 @@ def test_killing_any_process_of_the_chain_leaves_nothing_behind(chain_repo, vict
     """`dvc repro` → DVC's shell → the stage → torchrun → 2 workers, training for minutes:
     SIGKILL one of them (the OOM killer's signal) and within 60 s no process of the run is
     left, and the training state's lock can be taken, so the next `dvc repro` resumes."""
-    from dvc_repo import environment
+    from helpers.dvc_repo import environment
 
     repo = chain_repo
     (repo / ".dvc" / "tmp" / "rwlock").unlink(missing_ok=True)  # left by a killed dvc

@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 import yaml
 
-from cdp import Chromium, find_chromium, render_plots_page
+from helpers.cdp import Chromium, find_chromium, render_plots_page
 from fcn.outputs import is_timing_output
-from dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, environment, git,
+from helpers.dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, environment, git,
                       make_tiny, missing, ran_stages, read_params, set_param, stages)
 
 pytestmark = pytest.mark.slow
@@ -262,7 +262,7 @@ def test_exp_run_records_an_experiment_that_exp_show_and_metrics_diff_report(
     assert "class_iou_mean" in metrics["metrics/evaluate.json"]
 
     # docs/experiments.md's focused table, run as written: the headline scores only
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "experiments.md").read_text()
     line = docs.split("<!-- focused-exp-show -->", 1)[1].split("```bash\n", 1)[1]
     args = shlex.split(line.split("\n", 1)[0])
     assert args[:3] == ["dvc", "exp", "show"]

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from dvc_repo import (PIPELINE, commit_all, copy_project, dvc, environment, make_tiny, run,
+from helpers.dvc_repo import (PIPELINE, commit_all, copy_project, dvc, environment, make_tiny, run,
                       set_param, stages)
 
 from fcn import checkpoint as ckpt

@@ -19,8 +19,8 @@ from types import ModuleType
 import pytest
 from PIL import Image
 
-from cdp import Chromium, find_chromium, render_plots_page
-from dvc_repo import PROJECT, commit_all, dvc, git
+from helpers.cdp import Chromium, find_chromium, render_plots_page
+from helpers.dvc_repo import PROJECT, commit_all, dvc, git
 
 TEMPLATE = PROJECT / "dvc_templates" / "offline.html"
 

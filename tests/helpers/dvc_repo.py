@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 # The pipeline as the architecture defines it, in order; a test that needs a stage which has
 # not landed in dvc.yaml yet skips naming it (never passes without it).

@@ -4,8 +4,8 @@ Every other output of the pipeline is byte-reproducible: two clean default `dvc 
 one machine write the same bytes (tested by running the tiny pipeline twice from clean). These
 exist to hold what this machine measured, so they differ from run to run; they are kept apart
 from the scores (no score file holds a wall-clock figure), listed in docs/pipeline.md (a block
-generated from this table) and are never metrics that `dvc metrics diff` of two identical
-trainings would report, except the benchmark stage's own headlines.
+generated from this table). Two identical trainings write the same best.pt, so deploy and
+benchmark do not rerun and `dvc metrics diff` reports none of their timings.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ TIMING_OUTPUTS: dict[str, str] = {
                             "compute seconds, samples/s, validation seconds) and its system "
                             "monitor (CPU, RAM, disk; GPU on CUDA)",
     "metrics/deploy_latency.json": "deploy: PyTorch's and onnxruntime's latency at "
-                                   "deploy.height × deploy.width on this machine",
+                                   "deploy.height × deploy.width on this machine (a metric, "
+                                   "apart from the check's: it changes only when deploy reruns)",
     "metrics/benchmark.json": "benchmark: the headline figures (a metric: the stage is a "
                               "measurement)",
     "metrics/benchmark_details.json": "benchmark: every configuration's measurements",

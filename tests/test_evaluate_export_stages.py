@@ -386,6 +386,22 @@ def test_a_failed_export_leaves_the_previous_export_whole(data, tmp_path, monkey
         ["test", "overlays", "cityscapes_test_labelIds.zip", "val_predictions.gif"])
 
 
+@pytest.mark.parametrize("bad_split", ["test", "val"])
+def test_a_failed_first_export_leaves_nothing(data, tmp_path, monkeypatch, caplog, bad_split):
+    """With no previous export, a failure found while decoding (a test image, or a val image
+    of the GIF) leaves no export at all: no folder, zip, GIF or temporary file."""
+    root = tmp_path / "dataset"
+    shutil.copytree(data.root / "leftImg8bit", root / "leftImg8bit")
+    params = write_params(tmp_path, data, data={"root": str(root),
+                                                "generated": str(data.generated)})
+    bad = (sorted((root / "leftImg8bit" / "test").rglob("*.png"))[-1] if bad_split == "test"
+           else gif_images(root, 3)[-1])
+    bad.write_bytes(bad.read_bytes()[:200])  # the header intact, the pixel data cut short
+    assert run("export", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 1
+    out = tmp_path / "predictions"
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_the_zip_depends_on_the_predictions_alone(tmp_path):
     """Fixed entry dates and order: the same predictions written at another time give the
     same zip bytes (issue 21)."""

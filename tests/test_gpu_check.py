@@ -218,6 +218,28 @@ def test_a_one_gpu_run_says_what_it_did_not_prove():
                                                   "CUDA provider", "bf16 convergence"}
 
 
+def test_on_one_gpu_the_real_steps_skip_nccl_ddp_and_the_onnx_cuda_provider(tmp_path,
+                                                                            monkeypatch):
+    """gpu-check.md: on one GPU, nccl DDP with SyncBatchNorm always appears as not proven, and
+    onnxruntime's CUDA provider wherever onnxruntime-gpu is not installed: the profile's own
+    steps, through the runner's own skip rule and the step's own provider check."""
+    import onnxruntime
+
+    from fcn.gpucheck.deploy import step_onnx_cuda
+
+    steps = {s.name: s for s in profiles.steps("loan")}
+    one_gpu = Check(mode="cuda", work=tmp_path, sizes=profiles.cuda_sizes(), gpus=1)
+    assert runner.skip_reason(steps["ddp_nccl"], one_gpu, {}, set(steps), 0.0, None) == \
+        "needs 2 GPUs, 1 present"
+    assert steps["onnx_cuda"].run is step_onnx_cuda
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(runner.Skip, match="onnxruntime-gpu is not installed"):
+        step_onnx_cuda(one_gpu)
+    skipped = [_result("ddp_nccl", "skipped", steps["ddp_nccl"].proves, None,
+                       "needs 2 GPUs, 1 present")]
+    assert steps["ddp_nccl"].proves in report.proven(skipped, "cuda")[1]
+
+
 def test_report_is_json_with_every_step_and_the_environment(tmp_path):
     results = runner.run_all(_check(tmp_path), STUB)
     payload = report.report("loan", "dry", results, 1.5, 240.0, {"ok": 1.0}, ["x"],

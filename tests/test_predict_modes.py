@@ -164,9 +164,14 @@ def test_out_of_memory_on_one_image_falls_back_to_slide_mode(images, caplog):
     predictor = Predictor(model, window=(16, 32), stride=(12, 20))
     with caplog.at_level(logging.WARNING, "fcn"):
         got = predictor(images)
+        first = len(model.calls)
+        again = predictor(images)  # slide mode stays: no whole image or batch tried again
     with torch.no_grad():
         expected = slide_logits(inner, _x(images), (16, 32), (12, 20)).argmax(1).numpy()
-    assert np.array_equal(got, expected)
+    assert np.array_equal(got, expected) and np.array_equal(again, expected)
+    whole = [c for c in model.calls if c[2:] == (40, 72)]
+    assert whole == [(2, 3, 40, 72), (1, 3, 40, 72)]  # the batch, then one image: once each
+    assert all(c[2:] == (16, 32) for c in model.calls[first:])
     messages = [r.message for r in caplog.records if "out of memory" in r.message]
     assert len(messages) == 2 and "slide" in messages[1]
 

@@ -231,6 +231,30 @@ def test_per_class_curves_and_system_metrics_are_logged(tiny_dataset, masks, tmp
     for metric in ("cpu/usage (%).tsv", "ram/usage (%).tsv"):
         assert (timing / "system" / metric).stat().st_size > 0, metric
     assert not (plots / "system").exists() and not (plots / "time").exists()
+    _assert_time_figures_per_epoch(timing, 2)
+
+
+def _assert_time_figures_per_epoch(timing: Path, epochs: int) -> None:
+    """training.md: every epoch logs these five figures (always on), finite, and the data
+    fraction is data_s / (data_s + compute_s)."""
+    figures = {}
+    for name in ("data_s", "compute_s", "data_fraction", "samples_per_s", "val_s"):
+        rows = (timing / "time" / f"{name}.tsv").read_text().splitlines()
+        assert rows[0].split("\t") == ["step", name] and len(rows) == 1 + epochs, name
+        figures[name] = [float(r.split("\t")[1]) for r in rows[1:]]
+        assert all(math.isfinite(v) and v >= 0 for v in figures[name]), (name, figures[name])
+    for data, compute, fraction in zip(figures["data_s"], figures["compute_s"],
+                                       figures["data_fraction"]):
+        assert fraction == pytest.approx(data / (data + compute))
+
+
+def test_time_figures_are_logged_without_the_system_monitor(tiny_dataset, masks, tmp_path):
+    params = parse_params(tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=1,
+                                      monitor_system=False))
+    run_fit(params, tmp_path / "live")
+    timing = tmp_path / "live_timing" / "plots" / "metrics"
+    assert not (timing / "system").exists()
+    _assert_time_figures_per_epoch(timing, 1)
 
 
 def test_named_class_weights_come_from_the_stage_file(tiny_dataset, masks, tmp_path,

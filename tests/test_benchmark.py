@@ -10,14 +10,10 @@ import dataclasses
 import json
 import math
 import mmap
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 import fcn.benchmark.run as bench
 from fcn.benchmark.capability import precision_support
@@ -25,10 +21,11 @@ from fcn.benchmark.flops import analytic_flops, counted_flops
 from fcn.benchmark.inputs import benchmark_images, predict_classes, to_input, trained_like_model
 from fcn.benchmark.plan import Config, plan
 from fcn.benchmark.report import markdown_table, write_report
-from fcn.benchmark.run import FIELDS, MIN_AGREEMENT, ConfigResult, fastest_config, run_benchmark
+from fcn.benchmark.run import (FIELDS, MIN_AGREEMENT, ConfigResult, benchmark_stage, fastest_config,
+                               run_benchmark)
 from fcn.benchmark.worker import PeakRss
 from fcn.model import FCN8s
-from fcn.params import BenchmarkParams, ModelParams
+from fcn.params import BenchmarkParams, ModelParams, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = BenchmarkParams(device="cpu", height=64, width=128, precisions=["fp32", "tf32", "bf16"],
@@ -344,14 +341,13 @@ def test_compiled_configuration_reports_compile_time():
 
 @pytest.mark.slow
 def test_stage_writes_metrics_and_plots(tmp_path):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["benchmark"].update(device="cpu", height=64, width=128, precisions=["fp32", "fp16"],
-                               channels_last=[True])
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    subprocess.run([sys.executable, str(ROOT / "stages" / "benchmark.py"), "--params",
-                    str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "b.json"),
-                    "--details", str(tmp_path / "d.json"), "--plots", str(tmp_path / "plots")],
-                   check=True, cwd=ROOT)
+    """The stage's function (the script only parses its arguments: tests/test_stage.py and the
+    tiny pipeline run it) with a plan without NCHW."""
+    params = dataclasses.replace(load_params(ROOT / "params.yaml").benchmark, device="cpu",
+                                 height=64, width=128, precisions=["fp32", "fp16"],
+                                 channels_last=[True], matmul_size=256)
+    benchmark_stage(params, ModelParams(), tmp_path / "b.json", tmp_path / "d.json",
+                    tmp_path / "plots")
     details = json.loads((tmp_path / "d.json").read_text())
     assert details["configs"]["fp32-cl-eager-b1"]["status"] == "ok"
     assert details["fast_path"]["name"] == "fp32-cl-eager-b1"

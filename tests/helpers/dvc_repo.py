@@ -42,7 +42,8 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
     "benchmark": {"profile": "quick", "device": "cpu", "height": 64, "width": 128,
                   "precisions": ["fp32"], "channels_last": [False], "threads": 1,
                   "quick_batch_sizes": [1], "quick_warmup": 1, "quick_iters": 1,
-                  "quick_compile": [False], "window": [32, 64], "stride": [24, 48]},
+                  "quick_compile": [False], "window": [32, 64], "stride": [24, 48],
+                  "matmul_size": 256},
     "deploy": {"height": 64, "width": 128, "warmup": 0, "iters": 1, "threads": 1},
 }
 
@@ -99,8 +100,8 @@ def _git_files(project: Path, *options: str) -> set[str]:
     return {f for f in listed if f and (project / f).is_file()}
 
 
-def stage_outputs(project: Path) -> list[str]:
-    """Paths dvc.yaml's stages write (outs, metrics, plots), with ${section.key} filled in."""
+def outputs_by_stage(project: Path) -> dict[str, list[str]]:
+    """Stage name -> the paths it writes (outs, metrics, plots), with ${section.key} filled in."""
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8")) or {}
 
     def fill(match: re.Match[str]) -> str:
@@ -109,14 +110,20 @@ def stage_outputs(project: Path) -> list[str]:
             value = value[part]
         return str(value)
 
-    paths = []
-    for stage in (yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))
-                  .get("stages") or {}).values():
+    written: dict[str, list[str]] = {}
+    for name, stage in (yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))
+                        .get("stages") or {}).items():
+        paths = written.setdefault(name, [])
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind) or []:
                 path = entry if isinstance(entry, str) else next(iter(entry))
                 paths.append(re.sub(r"\$\{([^}]+)\}", fill, path).rstrip("/"))
-    return paths
+    return written
+
+
+def stage_outputs(project: Path) -> list[str]:
+    """Paths dvc.yaml's stages write (outs, metrics, plots), with ${section.key} filled in."""
+    return [path for paths in outputs_by_stage(project).values() for path in paths]
 
 
 def project_files(project: Path = PROJECT) -> list[str]:

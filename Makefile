@@ -14,6 +14,10 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check --no-warn-script-location
 # Tests also run the slow end-to-end ones; PYTEST_ARGS="-m 'not slow'" skips them.
 PYTEST_ARGS ?=
+# One pytest worker per core (pytest-xdist), each test file on one worker, so that a module's
+# shared fixture (the tiny pipeline run, a trained checkpoint) is made once; PYTEST_WORKERS=0
+# runs in this process.
+PYTEST_WORKERS ?= auto
 
 .PHONY: install repro test docs check-params hooks gpu-check gpu-wheels clean browser
 
@@ -47,7 +51,7 @@ browser:
 	  || echo "note: could not install chromium; the offline-plots browser test will skip"
 
 test: install browser
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 docs: install
 	$(PY) docs/generate.py

@@ -443,20 +443,27 @@ def main() -> int:
                              "make (a `make repro` rewrites the timing files; CI's fresh clone "
                              "has only the committed ones)")
     args = parser.parse_args()
-    stale = []
-    committed = _committed() if args.check else None
-    for path, text in render().items():
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != text and (committed is None or current != committed.get(path)):
-            stale.append(path.relative_to(ROOT).as_posix())
-            if not args.check:
-                path.write_text(text, encoding="utf-8")
+    stale = stale_docs(check=args.check)
     if stale and args.check:
         print(f"stale: {', '.join(stale)} (run: python docs/generate.py)", file=sys.stderr)
         return 1
     if stale:
         print(f"rewrote {', '.join(stale)}")
     return 0
+
+
+def stale_docs(check: bool = True) -> list[str]:
+    """The docs that differ from what the working tree's figures make and (with `check`) from
+    what the committed ones make; without `check` they are rewritten."""
+    stale = []
+    committed = _committed() if check else None
+    for path, text in render().items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current != text and (committed is None or current != committed.get(path)):
+            stale.append(path.relative_to(ROOT).as_posix())
+            if not check:
+                path.write_text(text, encoding="utf-8")
+    return stale
 
 
 if __name__ == "__main__":

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from fcn.params import SynthesizeParams
 from fcn.synthetic import synthesize
-from helpers.tiny import TINY, TWO_PROCESS_EPOCHS
+from helpers.tiny import TINY
 from helpers import trainset
 
 if not hasattr(np, "in1d"):  # cityscapesscripts 2.3.0 still calls np.in1d (removed in numpy 2.4)
@@ -33,35 +36,52 @@ def tiny_params() -> SynthesizeParams:
     return TINY
 
 
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str,
+                 make: Callable[[Path], None]) -> Path:
+    """The folder `name`, made by `make(folder)` once per test run and shared by all of
+    pytest-xdist's workers (`make test` runs several): the first worker to ask makes it under a
+    file lock in the run's common temporary folder, the others wait and reuse it; without xdist,
+    once per session. Treat it as read-only."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a half-made one, from a failed make
+            folder.mkdir()
+            make(folder)
+            (shared / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic Cityscapes root, made once per test session (treat as read-only)."""
-    root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
-    synthesize(root, TINY)
-    return root
+    """A small synthetic Cityscapes root, made once per test run (treat as read-only)."""
+    return once_per_run(tmp_path_factory, "synthetic",
+                        lambda folder: synthesize(folder / "cityscapes", TINY)) / "cityscapes"
 
 
 @pytest.fixture(scope="session")
 def masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """labelTrainIds masks of the tiny dataset, made once per session (read-only for tests)."""
-    generated = tmp_path_factory.mktemp("generated")
-    trainset.write_masks(tiny_dataset, generated)
-    return generated
+    """labelTrainIds masks of the tiny dataset, made once per test run (read-only for tests)."""
+    return once_per_run(tmp_path_factory, "generated",
+                        lambda folder: trainset.write_masks(tiny_dataset, folder))
 
 
 @pytest.fixture(scope="session")
 def two_process_run(tiny_dataset: Path, masks: Path,
                     tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted 2-process run of the train stage (torchrun, gloo) on the tiny dataset,
-    TWO_PROCESS_EPOCHS epochs, no system monitor: the reference that the two-node and the
-    elastic-restart tests compare with, trained once per session (read-only). The folder holds
-    params.yaml, models/ and live/."""
-    run = tmp_path_factory.mktemp("two-process")
-    # no system monitor: its samples (times, loads) differ between any two runs
-    trainset.write_params(run / "params.yaml",
-                          trainset.tiny_params(tiny_dataset, masks, run / "models",
-                                               epochs=TWO_PROCESS_EPOCHS, nproc=2,
-                                               monitor_system=False))
-    done = subprocess.run(trainset.train_command(run), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]  # relaunched: torchrun, 2 processes
-    return run
+    """An uninterrupted 2-process run of the train stage (torchrun, gloo) on the tiny dataset
+    with trainset.two_process_params: the reference that the two-node and the elastic-restart
+    tests compare with, and the DDP test reads, trained once per test run (read-only). The
+    folder holds params.yaml, models/, live/ and the stage's stderr.txt."""
+
+    def train(run: Path) -> None:
+        trainset.write_params(run / "params.yaml",
+                              trainset.two_process_params(tiny_dataset, masks, run / "models"))
+        done = subprocess.run(trainset.train_command(run), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]  # relaunched: torchrun, 2 processes
+        (run / "stderr.txt").write_text(done.stderr, encoding="utf-8")
+
+    return once_per_run(tmp_path_factory, "two-process", train)

@@ -145,16 +145,17 @@ def test_changed_params_refuse_the_old_checkpoint(tiny_dataset, masks, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_logs_the_val_miou_of_the_saved_model(tiny_dataset, masks, tmp_path):
-    # with accumulation (DDP's no_sync on the first of each pair) and sync_bn asked for on CPU
-    params = tiny_params(tiny_dataset, masks, tmp_path / "models", epochs=1, nproc=2,
-                         accumulate=2, sync_bn=True)
-    done = _run(params, tmp_path)
-    assert "x2" in done.stderr  # trained by 2 ranks
-    assert "SyncBatchNorm runs on CUDA only: plain BatchNorm per process" in done.stderr
-    logged = ckpt.load(tmp_path / "models" / "last.pt")["metrics"]
+def test_two_process_ddp_logs_the_val_miou_of_the_saved_model(tiny_dataset, masks,
+                                                              two_process_run):
+    """conftest's two-process run: with accumulation (DDP's no_sync on the first of each pair)
+    and sync_bn asked for on a CPU."""
+    run = two_process_run
+    stderr = (run / "stderr.txt").read_text(encoding="utf-8")
+    assert "x2" in stderr  # trained by 2 ranks
+    assert "SyncBatchNorm runs on CUDA only: plain BatchNorm per process" in stderr
+    logged = ckpt.load(run / "models" / "last.pt")["metrics"]
 
-    model = ckpt.load_model(tmp_path / "models" / "last.pt")
+    model = ckpt.load_model(run / "models" / "last.pt")
     val = SegmentationDataset(tiny_dataset, masks, "val")
     loader = DataLoader(val, batch_size=1, sampler=ShardSampler(len(val)))
     result = validate(model, loader, build_criterion(None, CPU.device), CPU, "fp32")
@@ -162,7 +163,7 @@ def test_two_process_ddp_logs_the_val_miou_of_the_saved_model(tiny_dataset, mask
     assert scores["miou"] == logged["val/miou"]
     assert scores["mean_dice"] == logged["val/mean_dice"]
     assert math.isclose(result.loss, logged["val/loss"], rel_tol=1e-6)
-    live = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    live = json.loads((run / "live" / "metrics.json").read_text())
     assert live["val"]["miou"] == logged["val/miou"]
 
 

@@ -32,15 +32,15 @@ from fcn.train.distributed import needs_launch
 from fcn.train.resume import LOCK
 
 from helpers.tiny import TWO_PROCESS_EPOCHS as EPOCHS
-from helpers.trainset import tiny_params, train_command, write_params
+from helpers.trainset import train_command, two_process_params, write_params
 
 def _setup(tiny_dataset: Path, masks: Path, run: Path, max_restarts: int,
            epochs: int = EPOCHS) -> Path:
     """As conftest's two_process_run, with torchrun's restarts and `epochs`."""
     run.mkdir(parents=True)
     write_params(run / "params.yaml",
-                 tiny_params(tiny_dataset, masks, run / "models", epochs=epochs, nproc=2,
-                             max_restarts=max_restarts, monitor_system=False))
+                 two_process_params(tiny_dataset, masks, run / "models", epochs=epochs,
+                                    max_restarts=max_restarts))
     return run
 
 

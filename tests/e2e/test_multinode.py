@@ -21,7 +21,7 @@ import torch
 from fcn import checkpoint as ckpt
 
 from helpers.tiny import TWO_PROCESS_EPOCHS
-from helpers.trainset import tiny_params, train_command, write_params
+from helpers.trainset import train_command, two_process_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,7 @@ def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_process
     runs = {"one": two_process_run, "two": tmp_path / "two"}
     runs["two"].mkdir()
     write_params(runs["two"] / "params.yaml",
-                 tiny_params(tiny_dataset, masks, runs["two"] / "models",
-                             epochs=TWO_PROCESS_EPOCHS, nproc=2, monitor_system=False))
+                 two_process_params(tiny_dataset, masks, runs["two"] / "models"))
 
     port = _free_port()
     nodes, logs = [], []

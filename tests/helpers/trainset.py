@@ -21,7 +21,7 @@ from fcn.cityscapes.labels import ID_TO_TRAINID
 from fcn.masks.render import draw_label_ids
 from fcn.params import default_params_dict
 
-from helpers.tiny import TINY
+from helpers.tiny import TINY, TWO_PROCESS_EPOCHS
 
 TRAIN_STAGE = Path(__file__).resolve().parents[2] / "stages" / "train.py"
 
@@ -53,6 +53,16 @@ def tiny_params(root: Path, generated: Path, out: Path, **train: Any) -> dict[st
                            device="cpu", out=str(out), resume_dir=str(out.parent / "resume"))
     params["train"].update(train)
     return params
+
+
+def two_process_params(root: Path, generated: Path, out: Path, **train: Any) -> dict[str, Any]:
+    """params.yaml content of the two-process reference run (conftest's `two_process_run`) and
+    of the runs compared with it: TWO_PROCESS_EPOCHS epochs on 2 ranks, accumulating 2 batches
+    (DDP's no_sync on the first of each pair), sync_bn asked for on a CPU (plain BatchNorm per
+    process, with a log line), no system monitor (its samples differ between any two runs)."""
+    return tiny_params(root, generated, out, **{
+        "epochs": TWO_PROCESS_EPOCHS, "nproc": 2, "accumulate": 2, "sync_bn": True,
+        "monitor_system": False, **train})
 
 
 def state_folder(resume_dir: Path) -> Path:

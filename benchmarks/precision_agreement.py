@@ -19,7 +19,6 @@ and loads it back as the --checkpoint path does, so that path runs too.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,25 +29,10 @@ import torch
 from fcn.benchmark.capability import precision_support
 from fcn.benchmark.inputs import benchmark_images, predict_classes, to_input, trained_like_model
 from fcn.benchmark.run import MIN_AGREEMENT
-from fcn.checkpoint import FORMAT, load_model, save
-from fcn.cityscapes.labels import NUM_CLASSES
+from fcn.checkpoint import load_model
 from fcn.device import resolve_device
-from fcn.model import FCN8s
 from fcn.params import ModelParams
-
-
-def random_checkpoint(path: Path, params: ModelParams, seed: int) -> Path:
-    """A checkpoint of a seeded random FCN8s (random score layers too, so it predicts more than
-    one class) with the keys best.pt has, written where `load_model` reads it."""
-    torch.manual_seed(seed)
-    model = FCN8s(params.backbone, NUM_CLASSES, params.fc67, params.fc_channels)
-    with torch.no_grad():
-        for layer in (model.score_pool3, model.score_pool4, model.score_pool5):
-            layer.weight.normal_(0, 0.01)
-    save(path, {"format": FORMAT, "model": model.state_dict(),
-                "model_params": dataclasses.asdict(params), "num_classes": NUM_CLASSES,
-                "epoch": 0, "params_hash": "", "metrics": {}})
-    return path
+from inference_modes import random_checkpoint  # benchmarks/, this script's folder
 
 
 def main(argv: Sequence[str] | None = None) -> None:

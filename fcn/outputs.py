@@ -11,16 +11,20 @@ benchmark do not rerun and `dvc metrics diff` reports none of their timings.
 from __future__ import annotations
 
 TIMING_OUTPUTS: dict[str, str] = {
-    "metrics/train_timing": "train: DVCLive's wall-clock figures per epoch (`time/*`: data and "
-                            "compute seconds, samples/s, validation seconds) and its system "
-                            "monitor (CPU, RAM, disk; GPU on CUDA)",
+    "metrics/train_timing/metrics.json": "train: DVCLive's last wall-clock figures (`time/*`)",
+    "metrics/train_timing/plots": "train: DVCLive's wall-clock figures per epoch (`time/*`: data "
+                                  "and compute seconds, samples/s, validation seconds) and its "
+                                  "system monitor (CPU, RAM, disk; GPU on CUDA); in git, one "
+                                  "chart per file in `dvc plots show`",
     "metrics/deploy_latency.json": "deploy: PyTorch's and onnxruntime's latency at "
                                    "deploy.height × deploy.width on this machine (a metric, "
                                    "apart from the check's: it changes only when deploy reruns)",
     "metrics/benchmark.json": "benchmark: the headline figures (a metric: the stage is a "
                               "measurement)",
     "metrics/benchmark_details.json": "benchmark: every configuration's measurements",
-    "plots/benchmark": "benchmark: the latency, memory and throughput charts and tables",
+    "plots/benchmark/configs.csv": "benchmark: every configuration's latency, memory and "
+                                   "throughput (the two bar charts of `dvc plots show`)",
+    "plots/benchmark/benchmark.png": "benchmark: latency and memory per configuration, drawn",
 }
 """Output path (as dvc.yaml names it) → what it holds."""
 

@@ -36,7 +36,7 @@ from helpers.cdp import Chromium, find_chromium, render_plots_page
 from fcn.outputs import is_timing_output
 from helpers.dvc_repo import (PIPELINE, Result, commit_all, copy_project, dvc, environment, git,
                               make_tiny, missing, outputs_by_stage, ran_stages, read_params,
-                              set_param, stages)
+                              run, set_param, stages)
 
 pytestmark = pytest.mark.slow
 
@@ -87,10 +87,11 @@ def test_second_repro_runs_nothing_and_says_so(pipeline: Pipeline) -> None:
     _skip_if_missing(pipeline.repo, *PIPELINE)
 
 
-def _lock_outputs(repo: Path) -> dict[str, str]:
-    """Every stage output dvc.lock records (metrics and plots included) → its md5."""
+def _lock_outputs(repo: Path, names: list[str]) -> dict[str, str]:
+    """Every output dvc.lock records (metrics and plots included) for the stages `names` → its
+    md5."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
-    return {out["path"]: out["md5"] for stage in lock["stages"].values()
+    return {out["path"]: out["md5"] for name, stage in lock["stages"].items() if name in names
             for out in stage.get("outs", [])}
 
 
@@ -101,10 +102,18 @@ def _file_digests(path: Path) -> dict[str, str]:
             hashlib.md5(f.read_bytes()).hexdigest() for f in files}
 
 
+def reproducible_stages(repo: Path) -> list[str]:
+    """The stages with an output that is not a timing output (every stage but benchmark):
+    reproducing them as targets reproduces every output whose bytes can be compared."""
+    return [name for name, paths in outputs_by_stage(repo).items()
+            if not all(is_timing_output(path) for path in paths)]
+
+
 def differing_outputs(first: Path, second: Path) -> list[str]:
     """The output files (timing outputs aside) whose bytes differ between two reproduced
     copies of the project, each named."""
-    a, b = _lock_outputs(first), _lock_outputs(second)
+    names = reproducible_stages(first)  # the others' lock entries may be the project's own
+    a, b = _lock_outputs(first, names), _lock_outputs(second, names)
     compared = sorted(path for path in a if not is_timing_output(path))
     assert compared == sorted(path for path in b if not is_timing_output(path)), (sorted(a), sorted(b))
     differing = []
@@ -115,13 +124,6 @@ def differing_outputs(first: Path, second: Path) -> list[str]:
         differing += [f"{path}/{name}".rstrip("/") for name in sorted(x.keys() | y.keys())
                       if x.get(name) != y.get(name)] or [path]
     return differing
-
-
-def reproducible_stages(repo: Path) -> list[str]:
-    """The stages with an output that is not a timing output (every stage but benchmark):
-    reproducing them as targets reproduces every output whose bytes can be compared."""
-    return [name for name, paths in outputs_by_stage(repo).items()
-            if not all(is_timing_output(path) for path in paths)]
 
 
 @dataclass
@@ -180,6 +182,30 @@ def test_a_clean_and_an_interrupted_repro_write_the_same_bytes(pipeline: Pipelin
     again = dvc(resumed.repo, "repro", "--force", "--single-item", "train")
     assert ran_stages(again.output) == {"train"}
     assert dvc(resumed.repo, "metrics", "diff").output.strip() == ""
+
+
+def test_plots_diff_draws_a_clean_runs_plots_beside_another_runs_workspace(
+        pipeline: Pipeline, resumed: Resumed) -> None:
+    """A fresh clone that ran `dvc repro` itself lacks the committed run's timing outputs in
+    its cache. `dvc plots diff` must still draw every training curve (cached: the same bytes)
+    and timing curve (in git) for both revisions, and lose only the benchmark charts: DVC
+    drops a whole revision when a folder it needs is missing, so no plot may need a cached
+    timing folder. The interrupted copy stands in for the clone (its own cache, no benchmark
+    run); the clean copy's commit is fetched into it as a branch."""
+    repo = resumed.repo
+    git(repo, "fetch", "-q", str(pipeline.repo), "HEAD:refs/heads/clean")
+    done = run(repo, "dvc", "plots", "diff", "clean", "--json")
+    assert done.returncode == 0, done.output[-3000:]
+    diff = json.loads(done.stdout)
+    lost = {(e["rev"], e.get("source", "")) for e in diff.get("errors") or []}
+    assert all(source.startswith("plots/benchmark/") for _, source in lost), lost
+    drawn = {name: {rev for entry in entries for rev in entry.get("revisions") or []}
+             for name, entries in diff["data"].items()}
+    curves = [name for name in drawn if not name.startswith(("benchmark", "plots/benchmark"))]
+    assert any(name.startswith("metrics/train_timing/") for name in curves), sorted(drawn)
+    assert "Loss" in curves and "mIoU" in curves, sorted(drawn)
+    for name in curves:
+        assert drawn[name] == {"clean", "workspace"}, (name, drawn[name])
 
 
 # (section, keys to try in order, stages expected to rerun): evaluate, export, deploy and benchmark
@@ -361,6 +387,15 @@ def test_plots_show_writes_curves_class_iou_confusion_and_samples(
             assert f'vegaEmbed(\'#{div}\'' in html, name
             if rendered:
                 assert min(rendered.charts[div]["line_points"], default=0) >= 1, name
+        # the timing curves: a stage plot folder, one chart per file (time/* and system/*)
+        timing = sorted(p.relative_to(repo).as_posix()
+                        for p in (repo / "metrics" / "train_timing" / "plots").rglob("*.tsv"))
+        assert any("/time/" in path for path in timing), timing
+        for path in timing:
+            div = Renderer.remove_special_chars(path)
+            assert f'vegaEmbed(\'#{div}\'' in html, path
+            if rendered:
+                assert min(rendered.charts[div]["line_points"], default=0) >= 1, path
     else:
         needed.append("train")
     if "evaluate" in stages(repo):

@@ -17,6 +17,7 @@ from torch import nn
 from fcn.gpucheck import profiles
 from fcn.gpucheck.data import step_data
 from fcn.gpucheck.runner import PASSED, Check, run_step
+from helpers.processes import free_port
 
 pytestmark = [
     pytest.mark.cuda,
@@ -54,14 +55,6 @@ def test_the_gpu_checks_step_passes_on_this_gpu(check, name):
     assert result.status == PASSED, (result.reason, result.error)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_bn_rank(rank: int, port: int, out: str) -> None:
     """One rank: fcn's process group (nccl) and SyncBatchNorm decision, one forward pass of
     this rank's batch; writes the running mean it ends with and its input's statistics."""
@@ -91,7 +84,7 @@ def _sync_bn_rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for nccl")
 def test_sync_batchnorm_uses_the_global_batch_under_two_process_nccl(tmp_path):
-    torch.multiprocessing.spawn(_sync_bn_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_sync_bn_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert {r["type"] for r in ranks} == {"SyncBatchNorm"}
     total = torch.tensor(ranks[0]["sum"]) + torch.tensor(ranks[1]["sum"])

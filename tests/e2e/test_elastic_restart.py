@@ -31,6 +31,7 @@ from fcn import checkpoint as ckpt
 from fcn.train.distributed import needs_launch
 from fcn.train.resume import LOCK
 
+from helpers.processes import kill_tree
 from helpers.tiny import TWO_PROCESS_EPOCHS as EPOCHS
 from helpers.trainset import train_command, two_process_params, write_params
 
@@ -42,20 +43,6 @@ def _setup(tiny_dataset: Path, masks: Path, run: Path, max_restarts: int,
                  two_process_params(tiny_dataset, masks, run / "models", epochs=epochs,
                                     max_restarts=max_restarts))
     return run
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL `process` and every process below it (torchrun's workers have sessions of
-    their own, so killing a process group would miss them)."""
-    try:
-        tree = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in tree:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _worker(stage: subprocess.Popen, rank: int) -> psutil.Process:
@@ -77,7 +64,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_bit_identical(
     cut = _setup(tiny_dataset, masks, tmp_path / "cut", max_restarts=1)
     stage = subprocess.Popen(train_command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
-    watchdog = threading.Timer(600, _kill_tree, [stage])
+    watchdog = threading.Timer(600, kill_tree, [stage])
     watchdog.start()
     lines, killed = [], None
     try:
@@ -90,7 +77,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_bit_identical(
         stage.wait(timeout=60)
     finally:
         watchdog.cancel()
-        _kill_tree(stage)
+        kill_tree(stage)
     log = "".join(lines)
     assert killed is not None, log[-3000:]
     assert stage.returncode == 0, log[-3000:]

@@ -9,43 +9,20 @@ both layouts)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
 
-import psutil
 import pytest
 import torch
 
 from fcn import checkpoint as ckpt
 
+from helpers.processes import free_port, kill_tree
 from helpers.tiny import TWO_PROCESS_EPOCHS
 from helpers.trainset import train_command, two_process_params, write_params
 
 pytestmark = pytest.mark.slow
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _kill_tree(processes: list[subprocess.Popen]) -> None:
-    """SIGKILL each process and everything below it (torchrun's workers have sessions of their
-    own: a process group would miss them)."""
-    for process in processes:
-        try:
-            root = psutil.Process(process.pid)
-            tree = [*root.children(recursive=True), root]
-        except psutil.NoSuchProcess:
-            continue
-        for proc in tree:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-
 
 def _untimed(record: dict) -> dict:
     """A metrics record without its wall-clock figures (`time/...`)."""
@@ -61,7 +38,7 @@ def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_process
     write_params(runs["two"] / "params.yaml",
                  two_process_params(tiny_dataset, masks, runs["two"] / "models"))
 
-    port = _free_port()
+    port = free_port()
     nodes, logs = [], []
     for node in (0, 1):
         logs.append((tmp_path / f"node{node}.log").open("w"))
@@ -72,13 +49,13 @@ def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_process
             stdout=logs[-1], stderr=subprocess.STDOUT,
             # as torchrun sets it for several processes per node: the 2-process run's threads
             env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    watchdog = threading.Timer(600, _kill_tree, [nodes])
+    watchdog = threading.Timer(600, kill_tree, nodes)
     watchdog.start()
     try:
         codes = [node.wait() for node in nodes]
     finally:
         watchdog.cancel()
-        _kill_tree(nodes)
+        kill_tree(*nodes)
         for handle in logs:
             handle.close()
     output = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]

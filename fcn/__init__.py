@@ -54,6 +54,12 @@ calls one function here, which writes the stage's outputs):
         evaluate    stage `evaluate`: scores, tables and plots
         export      stage `export`: server-ready predictions, zip, overlays, GIF
         visualize   colors, overlays, panels, heatmap, GIF frames
+    analysis/     where and how sure a model is wrong (the evaluate stage's analysis)
+        boundary    Boundary IoU (Cheng et al. 2021), trimap IoU by distance from an edge
+        calibration ECE, reliability diagram, temperature scaling, confidence/entropy maps
+        per_image   per-image rows (accuracy, mIoU, confusions) and per-city means
+        gallery     the worst-k gallery: image | truth | prediction | errors | confidence
+        evaluation  every per-image accumulator fed together, as val images stream past
     benchmark/    stage `benchmark`: inference latency, memory, FLOPs, utilisation
         plan        the protocol and the configurations a profile asks for
         capability  matmul rate, native precisions, the environment

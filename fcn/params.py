@@ -184,6 +184,20 @@ class EvaluateParams(InferenceParams):
         "generated", help="score against data.generated masks, or the ones shipped in data.root")
     samples: int = _p(4, ge=0, help="sample images (image | truth | prediction) in plots")
     sample_width: int = _p(512, ge=32, help="width of each panel of a sample image")
+    boundary_ratio: float = _p(0.02, gt=0, le=0.5, help="Boundary IoU's band: pixels within "
+                               "this fraction of the image diagonal of a contour (Cheng et al. "
+                               "2021: 0.02, i.e. 46 px at 1024x2048)")
+    trimap_widths: list[int] = _p([1, 2, 4, 8, 16, 32], ge=1, le=4096, help="band widths in "
+                                  "pixels around ground-truth edges where trimap IoU is scored "
+                                  "(the accuracy-vs-distance-from-an-edge curve)")
+    ece_bins: int = _p(15, ge=2, le=1000, help="equal-width confidence bins of the expected "
+                       "calibration error and the reliability diagram")
+    temperature: bool = _p(True, help="fit one softmax temperature on val (NLL, LBFGS) and "
+                           "report the ECE before and after")
+    temperature_pixels: int = _p(1_000_000, ge=1000, le=100_000_000, help="val pixels sampled "
+                                 "(seeded, spread over every image) for the temperature fit")
+    worst: int = _p(4, ge=0, le=100, help="images with the lowest mIoU shown in the gallery "
+                    "(plots/evaluate/worst)")
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,12 @@ class ExportParams(InferenceParams):
     gif_frames: int = _p(8, ge=0, help="val images in the animated GIF (0 = no GIF)")
     gif_width: int = _p(512, ge=32, help="GIF frame width in pixels")
     gif_ms_per_frame: int = _p(500, ge=10, help="GIF frame duration")
+    confidence_maps: bool = _p(False, help="also write each test image's max-probability and "
+                               "entropy maps (PNG, see confidence_bits) and their overlays")
+    confidence_bits: int = _p(16, ge=8, le=16, help="8 or 16-bit confidence/entropy PNGs "
+                              "(value = round(x * (2^bits - 1)))")
+    temperature: float = _p(1.0, gt=0, le=100, help="softmax temperature of the confidence "
+                            "maps (evaluate's fitted calibration.temperature calibrates them)")
     out: str = _p("predictions", help="export folder (test predictions, zip, overlays, GIF)")
 
 
@@ -301,6 +321,13 @@ def _check_relations(params: Params, problems: list[str]) -> None:
         if not s.scales or min(s.scales) <= 0 or max(s.scales) > 4:
             problems.append(f"{name}.scales: expected a non-empty list of factors in (0, 4], "
                             f"got {s.scales}")
+    widths = params.evaluate.trimap_widths
+    if not widths or widths != sorted(set(widths)):
+        problems.append(f"evaluate.trimap_widths: expected a non-empty increasing list, got "
+                        f"{widths}")
+    if params.export.confidence_bits not in (8, 16):
+        problems.append(f"export.confidence_bits: expected 8 or 16, got "
+                        f"{params.export.confidence_bits}")
     if not params.masks.encodings:
         problems.append("masks.encodings: choose at least one encoding")
     b = params.benchmark

@@ -167,6 +167,11 @@ SMOKES = (
         rf"median {N}$",
         r"^random checkpoint: \d+ classes predicted; logit margin quantiles"),
         check=_precision_rows),
+    Smoke("evaluate_analysis", patterns=(
+        r"^2 val images of 64x128, fp32 on the CPU \(\d+ threads\), best of 1 rounds$",
+        rf"^official scores only +{N} ms/image$",
+        rf"^with the analysis +{N} ms/image  \(\+{N} ms/image, [+-]{N}%\)$",
+        rf"^peak Python memory of an analysed run: {N} MB over 2 images, {N} MB over 4$")),
     Smoke("dvc_hashing", patterns=(
         rf"^10 files, {N} GB \(written in {N} s\): first dvc status {N} s \({N} GB/s, page "
         rf"cache (?:warm|dropped)\), second {N} s$",)),

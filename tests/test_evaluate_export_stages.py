@@ -364,8 +364,8 @@ def test_a_failed_export_leaves_the_previous_export_whole(data, tmp_path, monkey
                                                 "generated": str(data.generated)})
     assert run("export", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 0
     out = tmp_path / "predictions"
-    for folder in ("test", "overlays"):  # the previous export, told apart from a new one
-        (out / folder / "previous.txt").write_text("previous export")
+    for folder in ("test", "overlays", "test_confidence"):  # the previous export, told apart
+        (out / folder / "previous.txt").write_text("previous export")  # from a new one
     for name in ("cityscapes_test_labelIds.zip", "val_predictions.gif"):
         (out / name).write_bytes(b"previous " + name.encode())
     before = _tree(out)
@@ -383,7 +383,8 @@ def test_a_failed_export_leaves_the_previous_export_whole(data, tmp_path, monkey
     assert len(errors) == 1 and errors[0].startswith(f"{bad}: cannot read image")
     assert _tree(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["test", "overlays", "cityscapes_test_labelIds.zip", "val_predictions.gif"])
+        ["test", "overlays", "test_confidence", "cityscapes_test_labelIds.zip",
+         "val_predictions.gif"])
 
 
 @pytest.mark.parametrize("bad_split", ["test", "val"])

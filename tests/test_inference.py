@@ -154,22 +154,27 @@ def test_stream_keeps_order_and_groups_sizes(model):
     arrays = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
     predictor = Predictor(model)
     calls: list[int] = []
-    original = predictor.__call__
 
     class Counting(Predictor):
-        def __call__(self, batch):
+        def predict(self, batch, keep_scores=False):
             calls.append(len(batch))
-            return original(batch)
+            return super().predict(batch, keep_scores)
 
     counting = Counting(model)
     out = list(predict_stream(counting, list(range(6)), lambda i: (arrays[i], f"p{i}"),
                               batch_size=2, workers=2))
     assert [item for item, *_ in out] == list(range(6))
-    assert [payload for _, _, payload, _ in out] == [f"p{i}" for i in range(6)]
+    assert [payload for _, _, payload, _, _ in out] == [f"p{i}" for i in range(6)]
     assert calls == [2, 1, 2, 1]  # same-size neighbours batched, never mixed sizes
-    for i, (_, image, _, prediction) in enumerate(out):
-        assert image is arrays[i] and prediction.shape == shapes[i]
+    for i, (_, image, _, prediction, scores) in enumerate(out):
+        assert image is arrays[i] and prediction.shape == shapes[i] and scores is None
         assert np.array_equal(prediction, predictor(arrays[i][None])[0])
+    kept = list(predict_stream(counting, list(range(6)), lambda i: (arrays[i], f"p{i}"),
+                               batch_size=2, workers=2, keep_scores=True))
+    for i, (_, _, _, prediction, scores) in enumerate(kept):  # each image's own logits
+        expected = predictor.scores(torch.from_numpy(arrays[i][None]))[0]
+        assert scores.dtype == torch.float32 and torch.allclose(scores, expected, atol=1e-5)
+        assert np.array_equal(prediction, scores.argmax(0).numpy())
 
 
 def test_read_ahead_is_bounded():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,19 +399,24 @@ def _load(files: EvalFiles, max_pixels: int = MAX_PIXELS
 
 
 def evaluate_files(files: Sequence[EvalFiles], instance_scores: bool = True,
-                   workers: int = 2, max_pixels: int = MAX_PIXELS) -> CityscapesScores:
+                   workers: int = 2, max_pixels: int = MAX_PIXELS,
+                   each: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+                   ) -> CityscapesScores:
     """Score prediction PNGs against ground-truth PNGs (files decoded `workers` at a time;
-    each refused above `max_pixels` pixels from its header, before decoding)."""
+    each refused above `max_pixels` pixels from its header, before decoding). `each(index,
+    prediction, labels)` (label-id arrays, checked) sees every file pair after it is scored."""
     if instance_scores and any(f.instances is None for f in files):
         raise ValueError("instance scores are on: every item needs its instanceIds file")
     require_files([p for f in files for p in (f.prediction, f.labels, f.instances)
                    if p is not None], "input")
     evaluator = CityscapesEvaluator(instance_scores)
     stream = read_ahead(functools.partial(_load, max_pixels=max_pixels), files, workers=workers)
-    for item, (prediction, labels, instances) in tqdm(stream, total=len(files), desc="evaluate",
-                                                      unit="img", leave=False):
+    for index, (item, (prediction, labels, instances)) in enumerate(tqdm(
+            stream, total=len(files), desc="evaluate", unit="img", leave=False)):
         evaluator.add(prediction, labels, instances,
                       names=(str(item.prediction), str(item.labels), str(item.instances)))
+        if each is not None:
+            each(index, prediction, labels)
     check_not_train_ids(evaluator.confusion, [str(f.prediction) for f in files])
     return evaluator.scores()
 

@@ -35,6 +35,15 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=DEVICES)
     group.add_argument("--batch-size", type=int, dest="batch_size")
     group.add_argument("--workers", type=int)
+    maps = parser.add_argument_group("confidence maps (default: off)")
+    maps.add_argument("--confidence", action=argparse.BooleanOptionalAction,
+                      dest="confidence_maps", help="also write confidence_<name>.png (max "
+                      "probability) and entropy_<name>.png per image, and a confidence overlay")
+    maps.add_argument("--confidence-bits", type=int, choices=[8, 16], dest="confidence_bits",
+                      help="PNG bit depth: value = round(x * (2^bits - 1)), x = the max "
+                      "probability, or the entropy / ln(19)")
+    maps.add_argument("--temperature", type=float, help="softmax temperature of the maps "
+                      "(evaluate's fitted calibration.temperature calibrates them)")
 
 
 def with_overrides(export: ExportParams, args: argparse.Namespace,
@@ -42,7 +51,7 @@ def with_overrides(export: ExportParams, args: argparse.Namespace,
     """`export` with the options given on the command line, validated as params.yaml is
     (one message listing every problem, naming export.<key>)."""
     names = ("mode", "window", "stride", "scales", "flip_tta", "precision", "device",
-             "batch_size", "workers")
+             "batch_size", "workers", "confidence_maps", "confidence_bits", "temperature")
     changes: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     raw = default_params_dict()
     raw["export"] = {**dataclasses.asdict(export), **changes}

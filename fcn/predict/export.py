@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from fcn.analysis.calibration import (confidence_entropy, heat_colors, write_confidence_png,
+                                      write_entropy_png)
 from fcn.atomic import atomic_dir, atomic_path
 from fcn.cityscapes.labels import TRAINID_TO_ID
-from fcn.cityscapes.layout import list_images, stem_of, submission_name
+from fcn.cityscapes.layout import city_of, list_images, stem_of, submission_name
 from fcn.errors import DataError
 from fcn.images import MAX_PIXELS, read_rgb, read_size, write_label_png, write_png
 from fcn.params import ExportParams, ModelParams
@@ -46,14 +49,27 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LABELS_SUFFIX, OVERLAY_PREFIX = "_labelIds.png", "overlay_"
-"""What `predict_folder` writes per image: `<name>_labelIds.png` and `overlay_<name>.png`. The
-overlay's name starts with its prefix so that a search for `<city>_<seq>_<frame>*.png` (the
-official evaluator's, and `evaluate --predictions`'s) finds one file per image in the folder."""
+CONFIDENCE_PREFIX, ENTROPY_PREFIX = "confidence_", "entropy_"
+"""What `predict_folder` writes per image: `<name>_labelIds.png` and `overlay_<name>.png`, and
+with confidence maps `confidence_<name>.png`, `entropy_<name>.png` and
+`overlay_confidence_<name>.png`. Every name but the labels' starts with a prefix so that a
+search for `<city>_<seq>_<frame>*.png` (the official evaluator's, and `evaluate
+--predictions`'s) finds one file per image in the folder."""
+
+
+def confidence_maps(predictor: Predictor, scores: torch.Tensor
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One image's scores (C, H, W) → its max probability and entropy (nats), float32 (H, W),
+    at the predictor's temperature (written by `fcn.analysis.calibration`'s
+    `write_confidence_png` / `write_entropy_png`, whose docstrings say how to read them)."""
+    _, confidence, entropy = confidence_entropy(predictor.probabilities(scores[None]))
+    return confidence[0].numpy(), entropy[0].numpy()
 
 
 def _ours(name: str) -> bool:
-    return name.endswith(LABELS_SUFFIX) or (name.startswith(OVERLAY_PREFIX)
-                                            and name.endswith(".png"))
+    return name.endswith(LABELS_SUFFIX) or (
+        name.startswith((OVERLAY_PREFIX, CONFIDENCE_PREFIX, ENTROPY_PREFIX))
+        and name.endswith(".png"))
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,12 @@ class ExportPaths:
     def gif(self) -> Path:
         return self.root / "val_predictions.gif"
 
+    @property
+    def confidence(self) -> Path:
+        """`<city>/confidence_<stem>.png` and `entropy_<stem>.png` per image (empty unless
+        export.confidence_maps)."""
+        return self.root / f"{self.split}_confidence"
+
 
 def _load(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, None]:
     return read_rgb(path, "image", max_pixels), None
@@ -99,7 +121,7 @@ def export_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
     check_images(list_images(root, paths.split), max_pixels)
     chosen = gif_images(root, params.gif_frames)
     check_images(chosen, max_pixels)
-    predictor = Predictor.from_params(checkpoint, model, params)
+    predictor = Predictor.from_params(checkpoint, model, params, params.temperature)
     frames = gif_frames(predictor, chosen, params, max_pixels)  # before any output is touched
     if not frames:
         return export_split(predictor, root, paths, params, max_pixels)
@@ -117,7 +139,7 @@ def predict_folder_stage(checkpoint: str | Path, model: ModelParams | None,
     `out` (model None: as the checkpoint describes itself). Every input is checked
     (`check_folder`) before the model is even loaded."""
     folder, out, found = check_folder(images, out, max_pixels)
-    predictor = Predictor.from_params(checkpoint, model, params)
+    predictor = Predictor.from_params(checkpoint, model, params, params.temperature)
     return _predict_folder(predictor, folder, found, out, params, max_pixels)
 
 
@@ -131,17 +153,31 @@ def export_split(predictor: Predictor, data_root: str | Path, paths: ExportPaths
     stems = [stem_of(p) for p in images]
     overlay_stems = {stems[i] for i in spread(len(stems), params.overlays)}
     load = functools.partial(_load, max_pixels=max_pixels)
-    with atomic_dir(paths.predictions) as predictions, atomic_dir(paths.overlays) as overlays:
+    with (atomic_dir(paths.predictions) as predictions, atomic_dir(paths.overlays) as overlays,
+          atomic_dir(paths.confidence) as confidence_folder):
         with WriteBehind(params.workers) as writer:
-            stream = predict_stream(predictor, images, load, params.batch_size, params.workers)
-            for image_path, image, _, train_ids in tqdm(stream, total=len(images),
-                                                         desc=f"export {paths.split}", unit="img"):
+            stream = predict_stream(predictor, images, load, params.batch_size, params.workers,
+                                    keep_scores=params.confidence_maps)
+            for image_path, image, _, train_ids, scores in tqdm(
+                    stream, total=len(images), desc=f"export {paths.split}", unit="img"):
                 stem = stem_of(image_path)
                 writer.submit(write_label_png, predictions / submission_name(stem),
                               TRAINID_TO_ID[train_ids])
                 if stem in overlay_stems:
-                    writer.submit(write_png, overlays / f"overlay_{stem}.png",
+                    writer.submit(write_png, overlays / f"{OVERLAY_PREFIX}{stem}.png",
                                   blend(image, colorize(train_ids), params.overlay_alpha))
+                if scores is None:
+                    continue
+                confidence, entropy = confidence_maps(predictor, scores)
+                city = confidence_folder / city_of(stem)
+                writer.submit(write_confidence_png, city / f"{CONFIDENCE_PREFIX}{stem}.png",
+                              confidence, params.confidence_bits)
+                writer.submit(write_entropy_png, city / f"{ENTROPY_PREFIX}{stem}.png", entropy,
+                              len(scores), params.confidence_bits)
+                if stem in overlay_stems:
+                    writer.submit(write_png, overlays / f"{OVERLAY_PREFIX}{CONFIDENCE_PREFIX}"
+                                  f"{stem}.png", blend(image, heat_colors(confidence),
+                                                       params.overlay_alpha))
         write_submission_zip(paths.zip, predictions, stems)
     log.info("wrote %d %s predictions to %s and %s", len(images), paths.split, paths.predictions,
              paths.zip)
@@ -183,7 +219,7 @@ def gif_frames(predictor: Predictor, images: Sequence[Path], params: ExportParam
     wide."""
     load = functools.partial(_load, max_pixels=max_pixels)
     frames = []
-    for _, image, _, train_ids in predict_stream(predictor, images, load, params.batch_size,
+    for _, image, _, train_ids, _ in predict_stream(predictor, images, load, params.batch_size,
                                                  params.workers):
         overlay = blend(image, colorize(train_ids), params.overlay_alpha)
         frames.append(resize_to_width(overlay, params.gif_width))
@@ -269,13 +305,26 @@ def _predict_folder(predictor: Predictor, folder: Path, images: Sequence[Path], 
     load = functools.partial(_load, max_pixels=max_pixels)
     with atomic_dir(out) as tmp:
         with WriteBehind(params.workers) as writer:
-            stream = predict_stream(predictor, images, load, params.batch_size, params.workers)
-            for image_path, image, _, train_ids in tqdm(stream, total=len(images),
-                                                         desc="predict", unit="img"):
+            stream = predict_stream(predictor, images, load, params.batch_size, params.workers,
+                                    keep_scores=params.confidence_maps)
+            for image_path, image, _, train_ids, scores in tqdm(stream, total=len(images),
+                                                                desc="predict", unit="img"):
                 target = tmp / _target(folder, image_path)
-                writer.submit(write_label_png, f"{target}_labelIds.png",
+                writer.submit(write_label_png, f"{target}{LABELS_SUFFIX}",
                               TRAINID_TO_ID[train_ids])
                 writer.submit(write_png, target.parent / f"{OVERLAY_PREFIX}{target.name}.png",
                               blend(image, colorize(train_ids), params.overlay_alpha))
+                if scores is None:
+                    continue
+                confidence, entropy = confidence_maps(predictor, scores)
+                writer.submit(write_confidence_png, target.parent /
+                              f"{CONFIDENCE_PREFIX}{target.name}.png", confidence,
+                              params.confidence_bits)
+                writer.submit(write_entropy_png, target.parent /
+                              f"{ENTROPY_PREFIX}{target.name}.png", entropy, len(scores),
+                              params.confidence_bits)
+                writer.submit(write_png, target.parent / f"{OVERLAY_PREFIX}{CONFIDENCE_PREFIX}"
+                              f"{target.name}.png", blend(image, heat_colors(confidence),
+                                                          params.overlay_alpha))
     log.info("wrote predictions of %d images under %s", len(images), out)
     return len(images)

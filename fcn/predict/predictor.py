@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -76,13 +77,33 @@ def slide_logits(model: nn.Module, x: torch.Tensor, window: Sequence[int],
     return total / count
 
 
+def apply_temperature(scores: torch.Tensor, temperature: float, are_probabilities: bool,
+                      dim: int = -3) -> torch.Tensor:
+    """Probabilities calibrated by `temperature` (> 0), over the class axis `dim` ((C, H, W)
+    or (N, C, H, W) by default).
+
+    Logits: softmax(scores / T). Probabilities (multi-view TTA averages probabilities, not
+    logits): softmax(ln(p) / T), i.e. p^(1/T) renormalised, with p clamped at the dtype's
+    smallest normal number so ln never sees 0. Both are monotone in each score, so the
+    argmax is unchanged for any T > 0. Allocates two tensors of the input's size.
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"apply_temperature: temperature must be positive and finite, "
+                         f"got {temperature}")
+    if are_probabilities:
+        logits = scores.clamp_min(torch.finfo(scores.dtype).tiny).log_()
+        return torch.softmax(logits.div_(temperature), dim=dim)
+    return torch.softmax(scores / temperature, dim=dim)
+
+
 class Predictor:
     """Images → trainId maps. Mixed precision applies on CUDA only (CPU runs fp32)."""
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
                  precision: str = "fp32", channels_last: bool = False, flip_tta: bool = False,
                  mode: str = "whole", window: Sequence[int] = (512, 1024),
-                 stride: Sequence[int] = (341, 683), scales: Sequence[float] = (1.0,)) -> None:
+                 stride: Sequence[int] = (341, 683), scales: Sequence[float] = (1.0,),
+                 temperature: float = 1.0) -> None:
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
         self.device = torch.device(device)
@@ -91,6 +112,9 @@ class Predictor:
         self.flip_tta = flip_tta
         self.mode, self.window, self.stride = mode, tuple(window), tuple(stride)
         self.scales = tuple(float(s) for s in scales)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
         self.precision = precision
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self._fallback: str | None = None  # after an OOM: "per_image", then "slide"
@@ -100,9 +124,10 @@ class Predictor:
 
     @classmethod
     def from_params(cls, checkpoint: str | Path, model: ModelParams | None,
-                    inference: InferenceParams) -> Predictor:
+                    inference: InferenceParams, temperature: float = 1.0) -> Predictor:
         """The model of a checkpoint (checked against params.yaml's `model`; None: as the
-        checkpoint describes itself), predicting as `inference` says."""
+        checkpoint describes itself), predicting as `inference` says (probabilities at
+        `temperature`)."""
         device = resolve_device(inference.device)
         net = load_model(checkpoint, model)
         log.info("predicting on %s: %s mode%s, precision %s, channels_last %s, scales %s, "
@@ -112,7 +137,7 @@ class Predictor:
                  inference.channels_last, inference.scales, inference.flip_tta)
         return cls(net, device, inference.precision, inference.channels_last,
                    inference.flip_tta, inference.mode, inference.window, inference.stride,
-                   inference.scales)
+                   inference.scales, temperature)
 
     def flags(self) -> dict[str, object]:
         """What this predictor computes with (`fcn.backends.flags` inside its mode)."""
@@ -160,27 +185,47 @@ class Predictor:
         with inference_mode(self.device, self.precision):
             return self._scores(x, mode or self.mode)
 
-    def _labels(self, batch: torch.Tensor, mode: str) -> np.ndarray:
+    @property
+    def averages_probabilities(self) -> bool:
+        """Whether `scores` are mean softmax probabilities (several views) rather than logits."""
+        return not (self.scales == (1.0,) and not self.flip_tta)
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class probabilities of `scores` (as `predict` returns them), with this
+        predictor's temperature (1: the model's own): softmax(logits / T), or for averaged
+        views softmax(log p / T). The argmax is the prediction's whatever the temperature."""
+        return apply_temperature(scores, self.temperature, self.averages_probabilities)
+
+    def _labels(self, batch: torch.Tensor, mode: str, keep_scores: bool
+                ) -> tuple[np.ndarray, torch.Tensor | None]:
         scores = self.scores(batch, mode)
         if not bool(torch.isfinite(scores).all()):  # argmax would say "class 0" everywhere
             raise FcnError(f"the model's outputs hold NaN or infinite values (precision "
                            f"{self.precision}: fp16 can overflow, try bf16 or fp32; or the "
                            "weights are damaged)")
-        return scores.argmax(1).to(torch.uint8).cpu().numpy()
+        labels = scores.argmax(1).to(torch.uint8).cpu().numpy()
+        return labels, (scores.float().cpu() if keep_scores else None)
 
     def _free(self) -> None:
         gc.collect()
         empty_cache(self.device)
 
-    @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) → uint8 (N, H, W) trainIds, full resolution."""
+        return self.predict(images)[0]
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray, keep_scores: bool = False
+                ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """uint8 (N, H, W, 3) → (uint8 (N, H, W) trainIds, and with `keep_scores` the float32
+        (N, 19, H, W) scores on the CPU: logits, or mean probabilities of several views;
+        `probabilities` turns them into calibrated probabilities)."""
         batch = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         if self.mode == "slide" or self._fallback is None:
             try:
-                return self._labels(batch, self.mode)
+                return self._labels(batch, self.mode, keep_scores)
             except torch.OutOfMemoryError as exc:
                 if self.mode == "slide":
                     raise
@@ -190,12 +235,12 @@ class Predictor:
             log.warning("whole-image inference of a batch of %d %dx%d images ran out of memory "
                         "(%s): predicting one image at a time from now on", len(images),
                         images.shape[2], images.shape[1], reason)
-        out = []
+        out: list[tuple[np.ndarray, torch.Tensor | None]] = []
         for i in range(len(batch)):
             one = batch[i:i + 1]
             if self._fallback == "per_image":
                 try:
-                    out.append(self._labels(one, "whole"))
+                    out.append(self._labels(one, "whole", keep_scores))
                     continue
                 except torch.OutOfMemoryError as exc:
                     reason = str(exc).splitlines()[0]
@@ -204,8 +249,9 @@ class Predictor:
                 log.warning("one %dx%d image ran out of memory in whole-image inference (%s): "
                             "switching to slide mode (window %s, stride %s) from now on",
                             images.shape[2], images.shape[1], reason, self.window, self.stride)
-            out.append(self._labels(one, "slide"))
-        return np.concatenate(out)
+            out.append(self._labels(one, "slide", keep_scores))
+        labels = np.concatenate([one for one, _ in out])
+        return labels, (torch.cat([s for _, s in out]) if keep_scores else None)  # type: ignore[misc]
 
 
 def _batches(stream: Iterable[tuple[T, tuple[np.ndarray, P]]], batch_size: int
@@ -223,14 +269,17 @@ def _batches(stream: Iterable[tuple[T, tuple[np.ndarray, P]]], batch_size: int
 
 def predict_stream(predictor: Predictor, items: Sequence[T],
                    load: Callable[[T], tuple[np.ndarray, P]], batch_size: int = 1,
-                   workers: int = 2) -> Iterator[tuple[T, np.ndarray, P, np.ndarray]]:
-    """Yield (item, image, payload, trainIds) per item, in order.
+                   workers: int = 2, keep_scores: bool = False
+                   ) -> Iterator[tuple[T, np.ndarray, P, np.ndarray, torch.Tensor | None]]:
+    """Yield (item, image, payload, trainIds, scores) per item, in order; scores (float32
+    (19, H, W) on the CPU, `Predictor.predict`) only with `keep_scores`, else None.
 
     `load(item)` returns the uint8 RGB image and anything else the caller needs alongside (its
     ground truth, say); it runs in `workers` threads ahead of the model.
     """
     stream = read_ahead(load, items, workers=workers, depth=max(2 * workers, batch_size + workers))
     for batch in _batches(stream, batch_size):
-        predictions = predictor(np.stack([image for _, image, _ in batch]))
-        for (item, image, payload), prediction in zip(batch, predictions):
-            yield item, image, payload, prediction
+        predictions, scores = predictor.predict(np.stack([image for _, image, _ in batch]),
+                                                keep_scores)
+        for i, (item, image, payload) in enumerate(batch):
+            yield item, image, payload, predictions[i], None if scores is None else scores[i]

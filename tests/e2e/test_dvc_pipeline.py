@@ -204,6 +204,8 @@ def test_plots_diff_draws_a_clean_runs_plots_beside_another_runs_workspace(
     curves = [name for name in drawn if not name.startswith(("benchmark", "plots/benchmark"))]
     assert any(name.startswith("metrics/train_timing/") for name in curves), sorted(drawn)
     assert "Loss" in curves and "mIoU" in curves, sorted(drawn)
+    # issue 23: two runs' Boundary IoU bars and reliability diagrams side by side
+    assert {"plots/evaluate/boundary_iou.csv", "plots/evaluate/reliability.csv"} <= set(curves)
     for name in curves:
         assert drawn[name] == {"clean", "workspace"}, (name, drawn[name])
 
@@ -417,6 +419,23 @@ def test_plots_show_writes_curves_class_iou_confusion_and_samples(
         assert len(samples) == min(pipeline.params["evaluate"]["samples"], val_images), \
             [i.name for i in images]
         for png in samples:
+            assert re.search(rf'<img src="static/{re.escape(png.name)}"', html)
+        # issue 23: the Boundary IoU bars, the reliability diagram and the worst-k gallery
+        boundary_div = Renderer.remove_special_chars("plots/evaluate/boundary_iou.csv")
+        reliability_div = Renderer.remove_special_chars("plots/evaluate/reliability.csv")
+        for div in (boundary_div, reliability_div):
+            assert f'vegaEmbed(\'#{div}\'' in html, div
+        with (repo / "plots" / "evaluate" / "boundary_iou.csv").open(newline="") as f:
+            defined = sum(1 for row in csv.DictReader(f) if row["boundary_iou"])
+        with (repo / "plots" / "evaluate" / "reliability.csv").open(newline="") as f:
+            filled = sum(1 for row in csv.DictReader(f) if row["accuracy"])
+        if rendered:
+            assert rendered.charts[boundary_div]["rects"] == defined > 0
+            assert max(rendered.charts[reliability_div]["line_points"]) == filled > 0
+        worst = [i for i in images if "worst" in i.name]
+        assert len(worst) == min(pipeline.params["evaluate"]["worst"], val_images), \
+            [i.name for i in images]
+        for png in worst:
             assert re.search(rf'<img src="static/{re.escape(png.name)}"', html)
     else:
         needed.append("evaluate")

@@ -1,0 +1,91 @@
+"""The worst-k gallery: the val images a model gets most wrong, shown so the failure is visible.
+
+Each entry is one row of panels: image | ground truth | prediction | error map | confidence
+(the last only when the model's probabilities are known, not for scored PNG files). The error
+map shows wrong pixels in the colour of their *true* class, so "what should have been there"
+reads directly; right pixels are the image darkened, ignore pixels black.
+Images stream: only the k worst panels so far are kept (their size is bounded by k and the
+panel width), and a panel is drawn only for an image that enters the k.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from fcn.cityscapes.labels import IGNORE_INDEX, TRAINID_TO_COLOR
+from fcn.predict.visualize import colorize, resize_to_width, side_by_side
+
+DARKEN = 0.3
+"""Right pixels in the error map: the image at this brightness."""
+
+
+def error_map(image: np.ndarray, ground_truth: np.ndarray, prediction: np.ndarray
+              ) -> np.ndarray:
+    """uint8 (H, W, 3): wrong pixels in their true class's colour, right pixels the image
+    darkened (`DARKEN`), ignore pixels (truth 255) black."""
+    out = (image.astype(np.float32) * DARKEN + 0.5).astype(np.uint8)
+    valid = ground_truth != IGNORE_INDEX
+    wrong = valid & (ground_truth != prediction)
+    out[~valid] = 0
+    out[wrong] = TRAINID_TO_COLOR[ground_truth[wrong]]
+    return out
+
+
+def failure_panel(image: np.ndarray, ground_truth: np.ndarray, prediction: np.ndarray,
+                  confidence_colors: np.ndarray | None, width: int) -> np.ndarray:
+    """image | truth | prediction | error map [| confidence], each `width` pixels wide."""
+    panels = [resize_to_width(image, width),
+              resize_to_width(colorize(ground_truth), width, labels=True),
+              resize_to_width(colorize(prediction), width, labels=True),
+              resize_to_width(error_map(image, ground_truth, prediction), width, labels=True)]
+    if confidence_colors is not None:
+        panels.append(resize_to_width(confidence_colors, width))
+    return side_by_side(panels)
+
+
+class WorstImages:
+    """The k images with the lowest score (ties: the smaller stem first), with their panels.
+
+    `add(score, stem, draw)` calls `draw()` only when the image enters the k worst; NaN scores
+    (no scored pixel) never do.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._heap: list[tuple[float, _Reversed, np.ndarray]] = []  # max-heap on (score, stem)
+
+    def add(self, score: float, stem: str, draw: Callable[[], np.ndarray]) -> None:
+        if self.k <= 0 or math.isnan(score):
+            return
+        key = (-score, _Reversed(stem))
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, (*key, draw()))
+        elif key > self._heap[0][:2]:  # better (lower score, or same score and smaller stem)
+            heapq.heapreplace(self._heap, (*key, draw()))
+
+    def result(self) -> list[tuple[str, float, np.ndarray]]:
+        """(stem, score, panel), worst first."""
+        entries = sorted(self._heap, key=lambda e: (-e[0], e[1].stem))
+        return [(e[1].stem, -e[0], e[2]) for e in entries]
+
+
+class _Reversed:
+    """A stem ordered backwards, so the heap's root is the largest (score, stem) kept."""
+
+    __slots__ = ("stem",)
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+
+    def __lt__(self, other: _Reversed) -> bool:
+        return self.stem > other.stem
+
+    def __gt__(self, other: _Reversed) -> bool:
+        return self.stem < other.stem
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Reversed) and self.stem == other.stem

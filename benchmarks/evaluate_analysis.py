@@ -10,8 +10,12 @@ evaluate stage's own `fcn.predict.evaluate.evaluate_model` over it on the CPU (f
 images, batch 1, the CPU's default threads): without the analysis (`analyse=False`: the
 official scores only, what the stage computed before) and with it, alternating, best of
 `--rounds` each. Decoding, prediction and the official scoring are the same in both; the
-difference is the analysis. It also prints the peak of Python-allocated memory (tracemalloc)
-of one analysed run over the images and over twice as many, to show the analysis streams.
+difference is the analysis: what it adds per image as the images stream past (run with
+`evaluate.temperature` off) and, once per run, the temperature fit (the difference with it on),
+so that the share at Cityscapes' 500 val images follows from the two. It also prints the peak
+of Python-allocated memory (tracemalloc) of one analysed run over `--memory-images` images and
+over twice as many: equal, because the analysis streams (from that many images on, which fill
+the read-ahead of decoded images first).
 
 `--smoke` is the CI run: two 64x128 images, one round; no JSON unless --out is given.
 """
@@ -77,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-images", type=int, default=8,
+                        help="the memory check's smaller split (the larger is twice it); at "
+                             "least the read-ahead's depth (4 images), which fills first")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--out", type=Path,
@@ -86,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "one round")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.images, args.rounds, args.height, args.width = 2, 1, 64, 128
+        args.images, args.rounds, args.height, args.width, args.memory_images = 2, 1, 64, 128, 2
     out = args.out or (None if args.smoke else DEFAULT_OUT)
     params = load_params(args.params)
     evaluate = dataclasses.replace(params.evaluate, batch_size=1, device="cpu", precision="fp32",
@@ -98,26 +105,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         predictor = Predictor(model, "cpu", "fp32", evaluate.channels_last)
         print(f"{args.images} val images of {args.height}x{args.width}, fp32 on the CPU "
               f"({torch.get_num_threads()} threads), best of {args.rounds} rounds")
+        no_fit = dataclasses.replace(evaluate, temperature=False)
         time_once(predictor, root, generated, evaluate, True)  # warm-up: allocator, caches
-        before, after = float("inf"), float("inf")
+        before = streaming = after = float("inf")
         for _ in range(args.rounds):
             before = min(before, time_once(predictor, root, generated, evaluate, False))
+            streaming = min(streaming, time_once(predictor, root, generated, no_fit, True))
             after = min(after, time_once(predictor, root, generated, evaluate, True))
         per = 1e3 / args.images
+        added = (streaming - before) * per  # ms per image
+        fit = max(0.0, after - streaming)  # s, once per run
+        at_500 = 100 * ((before * per + added) * 500 + 1e3 * fit) / (before * per * 500) - 100
         print(f"official scores only  {before * per:9.1f} ms/image")
-        print(f"with the analysis     {after * per:9.1f} ms/image  (+{(after - before) * per:.1f} "
-              f"ms/image, {100 * (after / before - 1):+.1f}%)")
-        small = peak_python_mb(predictor, root, generated, evaluate)
-        root2, generated2 = dataset(tmp / "twice", 2 * args.images, args.height, args.width)
-        large = peak_python_mb(predictor, root2, generated2, evaluate)
-        print(f"peak Python memory of an analysed run: {small:.1f} MB over {args.images} "
-              f"images, {large:.1f} MB over {2 * args.images}")
+        print(f"with the analysis     {streaming * per:9.1f} ms/image  (+{added:.1f} ms/image, "
+              f"{100 * (streaming / before - 1):+.1f}%), temperature fit not included")
+        print(f"temperature fit       {fit:9.2f} s once ({evaluate.temperature_pixels} pixels): "
+              f"{100 * (after / before - 1):+.1f}% over these {args.images} images, "
+              f"{at_500:+.1f}% over Cityscapes' 500 val images")
+        m = args.memory_images
+        peaks = {}
+        for count in (m, 2 * m):
+            folder = dataset(tmp / f"memory_{count}", count, args.height, args.width)
+            peaks[count] = peak_python_mb(predictor, *folder, evaluate)
+        print(f"peak Python memory of an analysed run: {peaks[m]:.1f} MB over {m} images, "
+              f"{peaks[2 * m]:.1f} MB over {2 * m}")
     report = {"command": "python benchmarks/evaluate_analysis.py", "images": args.images,
               "image_size": [args.height, args.width], "rounds": args.rounds,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "ms_per_image_before": before * per, "ms_per_image_after": after * per,
-              "added_percent": 100 * (after / before - 1),
-              "peak_python_mb": {str(args.images): small, str(2 * args.images): large}}
+              "ms_per_image_before": before * per, "ms_per_image_streaming": streaming * per,
+              "streaming_added_percent": 100 * (streaming / before - 1),
+              "temperature_fit_s": fit, "temperature_pixels": evaluate.temperature_pixels,
+              "added_percent_here": 100 * (after / before - 1),
+              "added_percent_at_500_images": at_500,
+              "peak_python_mb": {str(k): v for k, v in peaks.items()}}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

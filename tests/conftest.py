@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 import os
+
+
+def _threads_per_worker() -> None:
+    """Under pytest-xdist (`make test`: one worker per core), each worker and every process it
+    starts (stage scripts, torchrun groups, DVC) computes with cores / workers OpenMP threads,
+    set before torch loads: workers that each start a thread per core oversubscribe the cores,
+    and OpenMP threads waiting on a busy core burn the CPU time the others need. A count the
+    user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+
+
+_threads_per_worker()
+
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator

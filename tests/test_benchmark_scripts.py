@@ -170,7 +170,10 @@ SMOKES = (
     Smoke("evaluate_analysis", patterns=(
         r"^2 val images of 64x128, fp32 on the CPU \(\d+ threads\), best of 1 rounds$",
         rf"^official scores only +{N} ms/image$",
-        rf"^with the analysis +{N} ms/image  \(\+{N} ms/image, [+-]{N}%\)$",
+        rf"^with the analysis +{N} ms/image  \(\+{N} ms/image, [+-]{N}%\), temperature fit "
+        r"not included$",
+        rf"^temperature fit +{N} s once \(\d+ pixels\): [+-]{N}% over these 2 images, "
+        rf"[+-]{N}% over Cityscapes' 500 val images$",
         rf"^peak Python memory of an analysed run: {N} MB over 2 images, {N} MB over 4$")),
     Smoke("dvc_hashing", patterns=(
         rf"^10 files, {N} GB \(written in {N} s\): first dvc status {N} s \({N} GB/s, page "

@@ -113,5 +113,5 @@ def test_failure_panel_has_a_confidence_panel_only_when_given():
     image = np.zeros((8, 16, 3), np.uint8)
     labels = np.zeros((8, 16), np.uint8)
     four = failure_panel(image, labels, labels, None, width=8)
-    five = failure_panel(image, labels, labels, np.zeros((8, 16, 3), np.uint8), width=8)
+    five = failure_panel(image, labels, labels, np.zeros((8, 16), np.float32), width=8)
     assert four.shape == (4, 4 * 8 + 3 * 4, 3) and five.shape == (4, 5 * 8 + 4 * 4, 3)

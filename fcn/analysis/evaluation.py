@@ -18,7 +18,7 @@ import torch
 
 from fcn.analysis.boundary import BoundaryAccumulator
 from fcn.analysis.calibration import (ECEAccumulator, LogitSample, TemperatureFit,
-                                      confidence_entropy, fit_temperature, heat_colors)
+                                      confidence_entropy, fit_temperature)
 from fcn.analysis.gallery import WorstImages, failure_panel
 from fcn.analysis.per_image import (CityMeans, confused_pairs, image_confusion, image_scores)
 from fcn.cityscapes.labels import NUM_CLASSES
@@ -87,8 +87,8 @@ class EvaluationAnalysis:
         self.rows.append(row)
         self.cities.add(city_of(stem), row)
         self.worst.add(scores_of_image["miou"], stem, lambda: failure_panel(
-            image() if callable(image) else image, ground_truth, prediction,
-            None if confidence is None else heat_colors(confidence), self.panel_width))
+            image() if callable(image) else image, ground_truth, prediction, confidence,
+            self.panel_width))
 
     def result(self) -> AnalysisResult:
         calibration = self.ece.result() if self._probabilities_seen else None

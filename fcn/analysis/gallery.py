@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fcn.analysis.calibration import heat_colors
 from fcn.cityscapes.labels import IGNORE_INDEX, TRAINID_TO_COLOR
 from fcn.predict.visualize import colorize, resize_to_width, side_by_side
 
@@ -36,14 +37,17 @@ def error_map(image: np.ndarray, ground_truth: np.ndarray, prediction: np.ndarra
 
 
 def failure_panel(image: np.ndarray, ground_truth: np.ndarray, prediction: np.ndarray,
-                  confidence_colors: np.ndarray | None, width: int) -> np.ndarray:
-    """image | truth | prediction | error map [| confidence], each `width` pixels wide."""
-    panels = [resize_to_width(image, width),
-              resize_to_width(colorize(ground_truth), width, labels=True),
-              resize_to_width(colorize(prediction), width, labels=True),
-              resize_to_width(error_map(image, ground_truth, prediction), width, labels=True)]
-    if confidence_colors is not None:
-        panels.append(resize_to_width(confidence_colors, width))
+                  confidence: np.ndarray | None, width: int) -> np.ndarray:
+    """image | truth | prediction | error map [| confidence (the max probability in [0, 1],
+    `heat_colors`)], each `width` pixels wide (never upscaled). Everything is drawn at that
+    size: the image and confidence downscaled bilinearly, the label maps by nearest neighbour
+    (so the error map compares the same sampled pixels), which keeps a 1024x2048 panel cheap."""
+    small = resize_to_width(image, width)
+    truth = resize_to_width(ground_truth, width, labels=True)
+    predicted = resize_to_width(prediction, width, labels=True)
+    panels = [small, colorize(truth), colorize(predicted), error_map(small, truth, predicted)]
+    if confidence is not None:
+        panels.append(heat_colors(resize_to_width(np.asarray(confidence, np.float32), width)))
     return side_by_side(panels)
 
 

@@ -85,6 +85,13 @@ def default_run() -> str:
         f"| val mean Dice, mean pixel accuracy, pixel accuracy | {_f(evaluate['mean_dice'])}, "
         f"{_f(evaluate['mean_pixel_accuracy'])}, {_f(evaluate['pixel_accuracy'])} "
         "| metrics/evaluate.json |",
+        f"| val Boundary IoU; trimap IoU within 1 / 32 px of an edge | "
+        f"{_f(evaluate['boundary_iou'])}; {_f(evaluate['trimap_iou']['1px'])} / "
+        f"{_f(evaluate['trimap_iou']['32px'])} | metrics/evaluate.json |",
+        f"| val ECE; fitted temperature (ECE on its sample before → after) | "
+        f"{_f(evaluate['ece'])}; {_f(evaluate['calibration']['temperature'], 3)} "
+        f"({_f(evaluate['calibration']['ece_before'])} → "
+        f"{_f(evaluate['calibration']['ece_after'])}) | metrics/evaluate.json |",
     ])
 
 
@@ -151,6 +158,27 @@ def inference_modes() -> str:
 
 def _measured(name: str) -> dict[str, Any]:
     return json.loads(_read(f"docs/measured/{name}"))
+
+
+def evaluate_analysis_cost() -> str:
+    """docs/measured/evaluate_analysis.json (benchmarks/evaluate_analysis.py)."""
+    m = _measured("evaluate_analysis.json")
+    peaks = ", ".join(f"{mb:.0f} MB over {n} images" for n, mb in m["peak_python_mb"].items())
+    return "\n".join([
+        f"{m['images']} synthetic val images of {m['image_size'][0]}×{m['image_size'][1]}, fp32 "
+        f"on {m['threads']} CPU threads, best of {m['rounds']} interleaved rounds "
+        f"(`{m['command']}`):", "",
+        "| what | value |", "|---|---:|",
+        f"| evaluate, official scores only | {m['ms_per_image_before']:.0f} ms per image |",
+        f"| with the analysis (Boundary IoU, trimap, ECE, temperature sample, row, gallery) | "
+        f"{m['ms_per_image_streaming']:.0f} ms per image "
+        f"({m['streaming_added_percent']:+.1f}%) |",
+        f"| the temperature fit, once per run ({m['temperature_pixels']:,} pixels) | "
+        f"{m['temperature_fit_s']:.2f} s |",
+        f"| all of it over these {m['images']} images / over Cityscapes' 500 val images | "
+        f"{m['added_percent_here']:+.1f}% / {m['added_percent_at_500_images']:+.1f}% |",
+        f"| peak Python memory of an analysed run | {peaks} |",
+    ])
 
 
 def loader_throughput() -> str:
@@ -369,7 +397,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "deploy-result": deploy_result, "inference-modes": inference_modes,
     "loader-throughput": loader_throughput, "cityscapes-costs": cityscapes_costs,
     "gpu-check-estimate": gpu_check_estimate, "train-throughput": train_throughput,
-    "timing-outputs": timing_outputs,
+    "timing-outputs": timing_outputs, "evaluate-analysis-cost": evaluate_analysis_cost,
 }
 
 

@@ -301,6 +301,54 @@ def check_shapes(path: str | Path, weights: Mapping[str, Any], params: ModelPara
                         f"(fc67={params.fc67}): {'; '.join(problems)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class InitReport:
+    """What whole-model initialisation (`initialise_from`) did: the model's tensors it loaded
+    and the ones left as built (`fresh`), and the checkpoint's tensors nothing took (`unused`:
+    no tensor of that name, or another shape)."""
+
+    path: str
+    loaded: list[str]
+    fresh: list[str]
+    unused: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        """For the run's metrics: the counts, and the names of what was not loaded."""
+        return {"checkpoint": self.path, "loaded": len(self.loaded), "fresh": len(self.fresh),
+                "unused": len(self.unused), "fresh_tensors": list(self.fresh),
+                "unused_tensors": list(self.unused)}
+
+
+def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParams
+                    ) -> InitReport:
+    """Whole-model initialisation (train.init, fine-tuning): every tensor of the checkpoint at
+    `path` whose name, shape and dtype match one of `model`'s is copied into it; the model's
+    other tensors keep their initialisation (a score layer for another class count, fc6/fc7
+    when one side has them). Refused in one line (DataError): a file that is not a training
+    checkpoint of this project, one of another backbone than `params.backbone` (its layers
+    would match by name only by accident), or one from which no tensor fits."""
+    checkpoint = load(path, hint="train.init must name a checkpoint this project wrote")
+    theirs = model_params_of(path, checkpoint["model_params"])
+    if theirs.backbone != params.backbone:
+        raise DataError(f"{path}: train.init is an FCN8s/{theirs.backbone} checkpoint, the model "
+                        f"is FCN8s/{params.backbone} (model.backbone): only a checkpoint of the "
+                        "same backbone initialises it")
+    own = model.state_dict()  # tensors sharing the parameters' and buffers' storage
+    weights = checkpoint["model"]
+    loaded = [name for name, tensor in weights.items()
+              if isinstance(tensor, torch.Tensor) and name in own
+              and tensor.shape == own[name].shape and tensor.dtype == own[name].dtype]
+    if not loaded:
+        raise DataError(f"{path}: train.init: no tensor of the checkpoint fits the model "
+                        f"(FCN8s/{params.backbone}, fc67={params.fc67})")
+    with torch.no_grad():
+        for name in loaded:
+            own[name].copy_(weights[name])
+    taken = set(loaded)
+    return InitReport(str(path), loaded, [n for n in own if n not in taken],
+                      [n for n in weights if n not in taken])
+
+
 def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN8s:
     """The FCN8s stored in a checkpoint, in eval mode on the CPU.
 

@@ -151,6 +151,10 @@ class TrainParams:
     device: Device = _p("auto", help="auto: CUDA when present, else CPU")
     out: str = _p("models", help="final checkpoints (best.pt, last.pt), written when training "
                   "ends: a DVC-cached output, restored from the run-cache")
+    init: str | None = _p(None, help="a checkpoint of this project (any class count, same "
+                          "backbone) that initialises the whole model: every tensor whose name "
+                          "and shape match is loaded, the rest start as model.weights says "
+                          "(fine-tuning; coarse -> fine)")
     resume_dir: str | None = _p(None, help="where a run's checkpoints live until it ends, one "
                                 "folder per training-parameter hash, so a killed run resumes; "
                                 "null: $XDG_CACHE_HOME/fcn-cityscapes/resume (~/.cache/...)")

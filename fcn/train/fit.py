@@ -36,7 +36,8 @@ from fcn.train.augment import Recipe
 from fcn.train.data import SeededSampler, SegmentationDataset, ShardSampler, worker_count
 from fcn.train import resume
 from fcn.train.distributed import Context, broadcast_buffers, setup, teardown
-from fcn.errors import FcnError
+from fcn.decode import file_digest
+from fcn.errors import DataError, FcnError
 from fcn.class_weights import read_class_weights
 from fcn.train.loop import (NonFiniteLossError, PassResult, build_criterion, build_optimizer,
                         build_scheduler, train_one_epoch, validate)
@@ -106,12 +107,13 @@ class LiveLog:
     scores in `directory` (identical files for identical runs), and the wall-clock figures
     (`time/*`, and with `monitor_system` DVCLive's CPU/RAM/GPU samples from then on) in
     `timing_directory`. `compute`: the math the run trains with, written into the scores'
-    summary (metrics.json) as `compute.*`."""
+    summary (metrics.json) as `compute.*`; `init`: what train.init loaded, as `init.*`."""
 
     def __init__(self, directory: str | Path, history: list[dict[str, Any]],
                  monitor_system: bool = False, compute: dict[str, Any] | None = None,
                  timing_directory: str | Path | None = None,
-                 timing_history: list[dict[str, Any]] = ()) -> None:
+                 timing_history: list[dict[str, Any]] = (),
+                 init: dict[str, Any] | None = None) -> None:
         from dvclive import Live  # imported here: only rank 0 of a training run needs it
 
         self.live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False, resume=False)
@@ -120,6 +122,8 @@ class LiveLog:
         self.timing = Live(dir=str(timing), dvcyaml=False, save_dvc_exp=False, resume=False)
         if compute is not None:  # how the numbers were computed (fcn.backends.flags)
             self.live.summary["compute"] = dict(compute)
+        if init is not None:  # what train.init loaded (ckpt.InitReport.summary)
+            self.live.summary["init"] = dict(init)
         for record in history:
             self.log(record)
         for record in timing_history:
@@ -213,7 +217,12 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     context = setup(train.device)
     if not context.is_main:
         logging.getLogger("fcn").setLevel(logging.WARNING)
-    hashed = ckpt.hashed_params(model, train, identity or {})
+    identity = dict(identity or {})
+    if train.init is not None:  # the file's content, not only its path, names the run
+        if not Path(train.init).is_file():
+            raise DataError(f"{train.init}: train.init: checkpoint not found")
+        identity["init"] = {"sha256": file_digest(Path(train.init))}
+    hashed = ckpt.hashed_params(model, train, identity)
     weights = train.class_weights
     if isinstance(weights, str):
         if class_weights_file is None:
@@ -278,7 +287,17 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
                     "last epoch")
 
     seed_everything(t.seed)  # the same initial weights on every rank
-    model = _sync_batchnorm(build_model(model_params, NUM_CLASSES), t.sync_bn, context)
+    model = build_model(model_params, NUM_CLASSES)
+    init = None
+    if t.init is not None:
+        init = ckpt.initialise_from(model, t.init, model_params)
+        log.info("train.init: %d tensors loaded from %s; %d left as built%s; %d of the "
+                 "checkpoint's unused%s", len(init.loaded), t.init, len(init.fresh),
+                 f" ({', '.join(init.fresh[:8])}{' …' if len(init.fresh) > 8 else ''})"
+                 if init.fresh else "", len(init.unused),
+                 f" ({', '.join(init.unused[:8])}{' …' if len(init.unused) > 8 else ''})"
+                 if init.unused else "")
+    model = _sync_batchnorm(model, t.sync_bn, context)
     model = model.to(device)
     per_epoch, total_steps, epochs = schedule(t, len(train_loader))
     optimizer = build_optimizer(model, t)
@@ -314,7 +333,8 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
         log.info("train.compile: compiling the training model (the first step takes longer)")
         net = torch.compile(net)
     live = (LiveLog(live_dir, history, t.monitor_system, compute,
-                    timing_history=timing_history)
+                    timing_history=timing_history,
+                    init=None if init is None else init.summary())
             if context.is_main and live_dir is not None else None)
     if stopped or start_epoch >= epochs:
         log.info("%s: nothing to do", stopped or f"all {epochs} epochs already trained")

@@ -160,6 +160,25 @@ def _measured(name: str) -> dict[str, Any]:
     return json.loads(_read(f"docs/measured/{name}"))
 
 
+def class_sampling() -> str:
+    """docs/measured/class_sampling.json (benchmarks/class_sampling.py) as a table."""
+    m = _measured("class_sampling.json")
+    rows = {r["setting"]: r for r in m["rows"]}
+    names = ["random crops", "class_uniform 0.5", "cat_max_ratio 0.75", "both"]
+    lines = [f"{m['samples']} crops of {m['crop'][0]}×{m['crop'][1]} per setting from the "
+             f"default synthetic train split ({m['image_size'][0]}×{m['image_size'][1]} images), "
+             f"one thread, best of {m['rounds']} rounds (`{m['command']}`). Share of crops "
+             "holding each class:", "",
+             "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for cls in rows["random crops"]["class_share"]:
+        lines.append(f"| {cls} | " + " | ".join(f"{rows[n]['class_share'][cls]:.3f}"
+                                                for n in names) + " |")
+    lines.append("| **samples/s per core** (× the loader before this change) | " + " | ".join(
+        f"{rows[n]['samples_per_s_per_core']:.0f} ({rows[n]['ratio_to_today']:.2f}×)"
+        for n in names) + " |")
+    return "\n".join(lines)
+
+
 def evaluate_analysis_cost() -> str:
     """docs/measured/evaluate_analysis.json (benchmarks/evaluate_analysis.py)."""
     m = _measured("evaluate_analysis.json")
@@ -398,6 +417,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "loader-throughput": loader_throughput, "cityscapes-costs": cityscapes_costs,
     "gpu-check-estimate": gpu_check_estimate, "train-throughput": train_throughput,
     "timing-outputs": timing_outputs, "evaluate-analysis-cost": evaluate_analysis_cost,
+    "class-sampling": class_sampling,
 }
 
 

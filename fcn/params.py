@@ -124,6 +124,14 @@ class TrainParams:
     scale: list[float] = _p([0.75, 1.5], help="[min, max] random rescale factor")
     flip: bool = _p(True, help="random horizontal flips")
     jitter: float = _p(0.2, ge=0, le=1, help="photometric jitter strength (0 = off)")
+    class_uniform: float = _p(0.0, ge=0, le=1, help="share of crops centred on a pixel of a "
+                              "class drawn uniformly among the split's (NVIDIA's class-uniform "
+                              "sampling: 0.5; 0 = off)")
+    cat_max_ratio: float = _p(1.0, gt=0, le=1, help="draw a crop window again when one class "
+                              "covers at least this share of its labelled pixels "
+                              "(mmsegmentation's Cityscapes: 0.75; 1 = off)")
+    cat_max_tries: int = _p(10, ge=1, le=100, help="windows tried per crop for cat_max_ratio "
+                            "(mmsegmentation: 10); the last is kept when none passes")
     class_weights: list[float] | ClassWeightScheme | None = _p(
         None, help=f"{NUM_CLASSES} weights, null, or a scheme computed from the train split's "
         "pixel histogram by the class_weights stage: enet (1/ln(1.02 + p)) or median_frequency")

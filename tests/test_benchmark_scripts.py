@@ -175,6 +175,14 @@ SMOKES = (
         rf"^temperature fit +{N} s once \(\d+ pixels\): [+-]{N}% over these 2 images, "
         rf"[+-]{N}% over Cityscapes' 500 val images$",
         rf"^peak Python memory of an analysed run: {N} MB over 2 images, {N} MB over 4$")),
+    Smoke("class_sampling", patterns=(
+        r"^4 train images of 64x128, 40 crops of 48x48 per setting, one thread, best of 1 "
+        r"rounds$",
+        rf"^  train +{N} +{N} +{N} +{N}$",
+        rf"^before this change +{N} samples/s per core \(1\.00x the loader before this "
+        r"change\)$",
+        *(rf"^{name} +{N} samples/s per core \({N}x the loader before this change\)$"
+          for name in ("random crops", r"class_uniform 0\.5", r"cat_max_ratio 0\.75", "both")))),
     Smoke("dvc_hashing", patterns=(
         rf"^10 files, {N} GB \(written in {N} s\): first dvc status {N} s \({N} GB/s, page "
         rf"cache (?:warm|dropped)\), second {N} s$",)),

@@ -36,18 +36,23 @@ from fcn.cityscapes.labels import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Recipe:
-    """What the `train` parameters ask of augmentation (plain values)."""
+    """What the `train` parameters ask of augmentation (plain values); the rare-class
+    sampling options are `fcn.train.sampling`'s (class_uniform 0 and cat_max_ratio 1: off)."""
 
     crop: tuple[int, int]
     scale: tuple[float, float]
     flip: bool
     jitter: float
+    class_uniform: float = 0.0
+    cat_max_ratio: float = 1.0
+    cat_max_tries: int = 10
 
     @classmethod
     def of(cls, crop: Sequence[int], scale: Sequence[float], flip: bool,
-           jitter: float) -> Recipe:
+           jitter: float, class_uniform: float = 0.0, cat_max_ratio: float = 1.0,
+           cat_max_tries: int = 10) -> Recipe:
         return cls((int(crop[0]), int(crop[1])), (float(scale[0]), float(scale[1])), flip,
-                   float(jitter))
+                   float(jitter), float(class_uniform), float(cat_max_ratio), int(cat_max_tries))
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Draw:
     jitter: torch.Tensor | None
 
 
-def _window(length: int, crop: int) -> int:
+def window(length: int, crop: int) -> int:
     """The crop's start in the rescaled image along one axis: drawn as v2.RandomCrop with
     pad_if_needed draws it (padding `crop - length` on both sides when short)."""
     pad = max(0, crop - length)
@@ -79,8 +84,8 @@ def draw(recipe: Recipe, height: int, width: int) -> Draw:
     low, high = recipe.scale
     factor = low + (high - low) * float(torch.rand(()))
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    top = _window(size[0], recipe.crop[0])
-    left = _window(size[1], recipe.crop[1])
+    top = window(size[0], recipe.crop[0])
+    left = window(size[1], recipe.crop[1])
     flip = recipe.flip and bool(torch.rand(1) < 0.5)
     jitter = None
     if recipe.jitter > 0:

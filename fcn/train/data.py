@@ -8,7 +8,8 @@ crop needs are read. Training samples are augmented on the loader side in uint8
 both into float on the device.
 
 Augmentation is deterministic: each training sample is drawn under its own seed, derived from
-(train seed, epoch, dataset index) by `sample_seed`. The result does not depend on which worker
+(train seed, epoch, dataset index) by `sample_seed` (rare-class sampling too, which may pick
+another image for that index: `fcn.train.sampling`). The result does not depend on which worker
 or rank loads the sample, nor on what ran before, nor on whether the pixels came from the PNGs
 or the decoded cache, so a resumed run sees exactly the crops an uninterrupted one would.
 """
@@ -23,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torchvision.transforms import InterpolationMode
 
 from fcn.errors import DataError
 from fcn.images import MAX_PIXELS
 from fcn import decode as cache
-from fcn.train.augment import Recipe, crop_pair, draw
+from fcn.cityscapes.labels import IGNORE_INDEX
+from fcn.train import sampling
+from fcn.train.augment import Recipe, Region, crop, crop_pair, draw
 from fcn.train.pairs import Pair, find_pairs, load_pair
 
 Sample = tuple[torch.Tensor, ...]
@@ -85,6 +89,9 @@ class SegmentationDataset(Dataset):
                     for path, kind in ((image, "image"), (mask, "mask")):
                         cache.open_array(path, kind, *pair.size, max_pixels)  # header check
                     self.arrays.append((image, mask))
+        self.positions: sampling.ClassPositions | None = None
+        if recipe is not None and recipe.class_uniform > 0:  # once, not per sample
+            self.positions = sampling.class_positions(self.mask(i) for i in range(len(self)))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -105,26 +112,56 @@ class SegmentationDataset(Dataset):
         return (torch.from_numpy(np.array(image)).permute(2, 0, 1),
                 torch.from_numpy(np.array(mask)))
 
+    def mask(self, index: int) -> np.ndarray:
+        """Pair `index`'s trainId mask [H, W] (memory-mapped when decoded)."""
+        if self.arrays:
+            return self.memmaps(index)[1]
+        return load_pair(self.pairs[index], self.max_pixels)[1].numpy()
+
+    def _regions(self, index: int) -> tuple[Region, Region]:
+        if self.arrays:
+            image, mask = self.memmaps(index)
+            return (lambda *box: read_region(image, *box),
+                    lambda *box: read_region(mask, *box))
+        image_t, mask_t = load_pair(self.pairs[index], self.max_pixels)
+        return (lambda t, l, h, w: image_t[:, t:t + h, l:l + w],
+                lambda t, l, h, w: mask_t[None, t:t + h, l:l + w])
+
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, None)
         if self.recipe is None:
             return self.whole(index)
-        size = self.pairs[index].size
         if seed is None:
-            d = draw(self.recipe, *size)
+            return self._sample(index, self.recipe)
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only: torch.manual_seed also queues a lazy seed for every
+            # accelerator backend, recording a stack trace each time (~0.3 ms a sample)
+            torch.default_generator.manual_seed(seed)
+            return self._sample(index, self.recipe)
+
+    def _sample(self, index: int, recipe: Recipe) -> Sample:
+        """One crop, every draw from torch's global generator (seeded by the caller): a
+        class-uniform choice of image and centre when on, the augmentation's draws, and
+        windows drawn again while cat_max_ratio refuses them."""
+        choice = (sampling.class_uniform_choice(self.positions, recipe.class_uniform)
+                  if self.positions is not None else None)
+        if choice is not None:
+            index = choice[0]
+        size = self.pairs[index].size
+        d = draw(recipe, *size)
+        if choice is not None:
+            d = sampling.centred(d, size, recipe.crop, choice[1], choice[2])
+        regions = self._regions(index)
+        if recipe.cat_max_ratio < 1:
+            d, mask_crop = sampling.limit_dominance(
+                d, recipe.crop,
+                lambda candidate: crop(regions[1], IGNORE_INDEX, size, candidate, recipe.crop,
+                                       InterpolationMode.NEAREST, False)[0],
+                recipe.cat_max_ratio, recipe.cat_max_tries)
+            image_crop = crop(regions[0], 0, size, d, recipe.crop, InterpolationMode.BILINEAR,
+                              True)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                d = draw(self.recipe, *size)
-        if self.arrays:
-            image, mask = self.memmaps(index)
-            regions = (lambda *box: read_region(image, *box),
-                       lambda *box: read_region(mask, *box))
-        else:
-            image_t, mask_t = load_pair(self.pairs[index], self.max_pixels)
-            regions = (lambda t, l, h, w: image_t[:, t:t + h, l:l + w],
-                       lambda t, l, h, w: mask_t[None, t:t + h, l:l + w])
-        image_crop, mask_crop = crop_pair(*regions, size, d, self.recipe.crop)
+            image_crop, mask_crop = crop_pair(*regions, size, d, recipe.crop)
         return (image_crop, mask_crop) if d.jitter is None else (image_crop, mask_crop, d.jitter)
 
 

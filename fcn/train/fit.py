@@ -65,7 +65,8 @@ def make_loaders(root: str | Path, generated: str | Path, t: TrainParams, contex
                  max_pixels: int = MAX_PIXELS) -> tuple[DataLoader, DataLoader]:
     """The train loader (seeded crops, uint8, `train.workers` processes, pinned and prefetched
     for CUDA) and the val loader (whole uint8 images, sharded over ranks)."""
-    recipe = Recipe.of(t.crop, t.scale, t.flip, t.jitter)
+    recipe = Recipe.of(t.crop, t.scale, t.flip, t.jitter, t.class_uniform, t.cat_max_ratio,
+                       t.cat_max_tries)
     train_set = SegmentationDataset(root, generated, t.splits, recipe, decoded, max_pixels)
     val_set = SegmentationDataset(root, generated, "val", None, decoded, max_pixels)
     workers = worker_count(t.workers, context.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

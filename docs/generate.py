@@ -66,6 +66,7 @@ def default_run() -> str:
     train, evaluate, masks = (_metrics("train/metrics.json"), _metrics("evaluate.json"),
                               _metrics("masks.json"))
     synthesize = Params().synthesize
+    fit = evaluate.get("calibration") or {}  # none with evaluate.temperature off
     return "\n".join([
         "| what | value | from |",
         "|---|---:|---|",
@@ -89,9 +90,8 @@ def default_run() -> str:
         f"{_f(evaluate['boundary_iou'])}; {_f(evaluate['trimap_iou']['1px'])} / "
         f"{_f(evaluate['trimap_iou']['32px'])} | metrics/evaluate.json |",
         f"| val ECE; fitted temperature (ECE on its sample before → after) | "
-        f"{_f(evaluate['ece'])}; {_f(evaluate['calibration']['temperature'], 3)} "
-        f"({_f(evaluate['calibration']['ece_before'])} → "
-        f"{_f(evaluate['calibration']['ece_after'])}) | metrics/evaluate.json |",
+        f"{_f(evaluate.get('ece'))}; {_f(fit.get('temperature'), 3)} "
+        f"({_f(fit.get('ece_before'))} → {_f(fit.get('ece_after'))}) | metrics/evaluate.json |",
     ])
 
 

@@ -319,6 +319,18 @@ class InitReport:
                 "unused_tensors": list(self.unused)}
 
 
+def check_init(path: str | Path, params: ModelParams) -> dict[str, Any]:
+    """The checkpoint `path` names for train.init, read and checked (`initialise_from`'s
+    refusals, one line each): its tensors by name."""
+    checkpoint = load(path, hint="train.init must name a checkpoint this project wrote")
+    theirs = model_params_of(path, checkpoint["model_params"])
+    if theirs.backbone != params.backbone:
+        raise DataError(f"{path}: train.init is an FCN8s/{theirs.backbone} checkpoint, the model "
+                        f"is FCN8s/{params.backbone} (model.backbone): only a checkpoint of the "
+                        "same backbone initialises it")
+    return checkpoint["model"]
+
+
 def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParams
                     ) -> InitReport:
     """Whole-model initialisation (train.init, fine-tuning): every tensor of the checkpoint at
@@ -327,14 +339,8 @@ def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParam
     when one side has them). Refused in one line (DataError): a file that is not a training
     checkpoint of this project, one of another backbone than `params.backbone` (its layers
     would match by name only by accident), or one from which no tensor fits."""
-    checkpoint = load(path, hint="train.init must name a checkpoint this project wrote")
-    theirs = model_params_of(path, checkpoint["model_params"])
-    if theirs.backbone != params.backbone:
-        raise DataError(f"{path}: train.init is an FCN8s/{theirs.backbone} checkpoint, the model "
-                        f"is FCN8s/{params.backbone} (model.backbone): only a checkpoint of the "
-                        "same backbone initialises it")
+    weights = check_init(path, params)
     own = model.state_dict()  # tensors sharing the parameters' and buffers' storage
-    weights = checkpoint["model"]
     loaded = [name for name, tensor in weights.items()
               if isinstance(tensor, torch.Tensor) and name in own
               and tensor.shape == own[name].shape and tensor.dtype == own[name].dtype]

@@ -206,7 +206,7 @@ class EvaluateParams(InferenceParams):
                        "calibration error and the reliability diagram")
     temperature: bool = _p(True, help="fit one softmax temperature on val (NLL, LBFGS) and "
                            "report the ECE before and after")
-    temperature_pixels: int = _p(200_000, ge=1000, le=100_000_000, help="val pixels sampled "
+    temperature_pixels: int = _p(200_000, ge=1000, le=10_000_000, help="val pixels sampled "
                                  "(seeded, spread over every image) for the temperature fit "
                                  "(its fixed cost: about 0.5 s per 200,000 on 2 CPU cores)")
     worst: int = _p(4, ge=0, le=100, help="images with the lowest mIoU shown in the gallery "

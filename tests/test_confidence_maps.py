@@ -94,3 +94,22 @@ def test_fcn_predict_writes_8_bit_maps_at_a_temperature_and_the_folder_still_sco
               for p in list_images(data.root, "val")]
     assert [p.name for p in match_predictions(out, labels)] == \
         [f"{p.stem}_labelIds.png" for p in list_images(data.root, "val")]
+
+
+def test_images_whose_maps_would_collide_are_refused_before_any_work(data, tmp_path, caplog):
+    """`x.png` writes overlay_confidence_x.png, and so does `confidence_x.png`'s overlay:
+    with confidence maps that is one line and nothing written; without them, no collision."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("x.png", "confidence_x.png"):
+        Image.new("RGB", (16, 8)).save(photos / name)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(photos), str(out), "--checkpoint", str(data.checkpoint), "--confidence"])
+    assert exit_info.value.code == 1 and not out.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "overlay_confidence_x.png); rename one" in errors[0], errors
+    cli.main([str(photos), str(out), "--checkpoint", str(data.checkpoint)])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confidence_x_labelIds.png", "overlay_confidence_x.png", "overlay_x.png",
+        "x_labelIds.png"]

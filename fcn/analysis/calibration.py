@@ -318,6 +318,11 @@ class LogitSample:
         return take
 
 
+MAX_TEMPERATURE = 100.0
+"""The fitted temperature is kept in [1/100, 100] (a degenerate sample's optimum is 0 or
+infinite)."""
+
+
 @dataclass(frozen=True)
 class TemperatureFit:
     """The fitted temperature and the sample's mean NLL (nats) and ECE at T = 1 and at it."""
@@ -336,8 +341,8 @@ def fit_temperature(sample: LogitSample, max_iter: int = 50,
 
     L-BFGS (strong Wolfe line search, at most `max_iter` iterations) on log T, which keeps T
     positive, from T = 1, in float64 over chunks of the sample (gradients summed chunk by
-    chunk, so temporaries stay small). Deterministic: the same sample gives the same T bit
-    for bit. ECE before and after uses `bins` bins on the same pixels. An empty sample is a
+    chunk, so temporaries stay small), then kept within [1/MAX_TEMPERATURE, MAX_TEMPERATURE].
+    Deterministic: the same sample gives the same T bit for bit. ECE before and after uses `bins` bins on the same pixels. An empty sample is a
     ValueError.
     """
     logits, labels = sample.logits, sample.labels
@@ -361,9 +366,13 @@ def fit_temperature(sample: LogitSample, max_iter: int = 50,
 
     nll_before = float(closure())
     optimizer.step(closure)
-    temperature = float(torch.exp(log_t.detach()))
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"fit_temperature: the fit diverged (T = {temperature})")
+    fitted = float(torch.exp(log_t.detach()))
+    # a sample the model gets all right (or all wrong) has its optimum at T -> 0 (or infinity):
+    # keep T where it means something, and where export.temperature accepts it
+    temperature = min(max(fitted, 1 / MAX_TEMPERATURE), MAX_TEMPERATURE) \
+        if math.isfinite(fitted) else MAX_TEMPERATURE
+    with torch.no_grad():
+        log_t.fill_(math.log(temperature))
     nll_after = float(closure())  # at the final log T itself
     return TemperatureFit(temperature, nll_before, nll_after,
                           _sample_ece(logits, labels, 1.0, sample.num_classes, bins),

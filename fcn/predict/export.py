@@ -138,7 +138,7 @@ def predict_folder_stage(checkpoint: str | Path, model: ModelParams | None,
     """`stages/export.py --images` and `fcn-predict`: predict every image under `images` into
     `out` (model None: as the checkpoint describes itself). Every input is checked
     (`check_folder`) before the model is even loaded."""
-    folder, out, found = check_folder(images, out, max_pixels)
+    folder, out, found = check_folder(images, out, max_pixels, params.confidence_maps)
     predictor = Predictor.from_params(checkpoint, model, params, params.temperature)
     return _predict_folder(predictor, folder, found, out, params, max_pixels)
 
@@ -243,6 +243,16 @@ def _target(folder: Path, image: Path) -> Path:
     return image.relative_to(folder).parent / image.stem
 
 
+def output_names(target: Path, confidence: bool) -> list[Path]:
+    """Every file predicting a folder writes for the image at `target` (`_target`)."""
+    names = [target.parent / f"{target.name}{LABELS_SUFFIX}",
+             target.parent / f"{OVERLAY_PREFIX}{target.name}.png"]
+    if confidence:
+        names += [target.parent / f"{prefix}{target.name}.png" for prefix in
+                  (CONFIDENCE_PREFIX, ENTROPY_PREFIX, OVERLAY_PREFIX + CONFIDENCE_PREFIX)]
+    return names
+
+
 def _foreign_files(out: Path) -> Iterator[Path]:
     """What under `out` predict_folder would not have written (replacing `out` loses it)."""
     for path in out.rglob("*"):
@@ -252,8 +262,8 @@ def _foreign_files(out: Path) -> Iterator[Path]:
             yield path
 
 
-def check_folder(folder: str | Path, out: str | Path,
-                 max_pixels: int = MAX_PIXELS) -> tuple[Path, Path, list[Path]]:
+def check_folder(folder: str | Path, out: str | Path, max_pixels: int = MAX_PIXELS,
+                 confidence: bool = False) -> tuple[Path, Path, list[Path]]:
     """Every check of a folder prediction, made before any work: the folders do not nest, `out`
     holds nothing but an earlier run's predictions (it is replaced whole), no two images
     share an output name (`a.png` and `a.jpg`), and every image opens and is at most
@@ -276,11 +286,11 @@ def check_folder(folder: str | Path, out: str | Path,
                             "remove it)")
     seen: dict[Path, Path] = {}
     for image in images:
-        other = seen.setdefault(_target(folder, image), image)
-        if other != image:
-            raise DataError(f"{image}: its predictions would overwrite those of {other} "
-                            f"(both are written as {_target(folder, image)}_labelIds.png); "
-                            "rename one")
+        for name in output_names(_target(folder, image), confidence):
+            other = seen.setdefault(name, image)
+            if other != image:
+                raise DataError(f"{image}: its predictions would overwrite those of {other} "
+                                f"(both write {name}); rename one")
     check_images(images, max_pixels)
     return folder, out, images
 
@@ -295,7 +305,7 @@ def predict_folder(predictor: Predictor, folder: str | Path, out: str | Path,
     written to a new folder beside `out` that replaces it only once complete, so any failure
     leaves the previous `out` (or none). `out` then holds exactly this folder's predictions.
     """
-    folder, out, images = check_folder(folder, out, max_pixels)
+    folder, out, images = check_folder(folder, out, max_pixels, params.confidence_maps)
     return _predict_folder(predictor, folder, images, out, params, max_pixels)
 
 

@@ -32,7 +32,7 @@ from fcn import decode as cache
 from fcn.cityscapes.labels import IGNORE_INDEX
 from fcn.train import sampling
 from fcn.train.augment import Recipe, Region, crop, crop_pair, draw
-from fcn.train.pairs import Pair, find_pairs, load_pair
+from fcn.train.pairs import Pair, find_pairs, load_mask, load_pair
 
 Sample = tuple[torch.Tensor, ...]
 """(image uint8[3, H, W], mask uint8[H, W]) and, for a jittered training sample, its
@@ -113,10 +113,11 @@ class SegmentationDataset(Dataset):
                 torch.from_numpy(np.array(mask)))
 
     def mask(self, index: int) -> np.ndarray:
-        """Pair `index`'s trainId mask [H, W] (memory-mapped when decoded)."""
+        """Pair `index`'s trainId mask [H, W] (memory-mapped when decoded; else its PNG alone,
+        checked as `load_pair` checks it)."""
         if self.arrays:
             return self.memmaps(index)[1]
-        return load_pair(self.pairs[index], self.max_pixels)[1].numpy()
+        return load_mask(self.pairs[index], self.max_pixels).numpy()
 
     def _regions(self, index: int) -> tuple[Region, Region]:
         if self.arrays:
@@ -142,7 +143,8 @@ class SegmentationDataset(Dataset):
     def _sample(self, index: int, recipe: Recipe) -> Sample:
         """One crop, every draw from torch's global generator (seeded by the caller): a
         class-uniform choice of image and centre when on, the augmentation's draws, and
-        windows drawn again while cat_max_ratio refuses them."""
+        windows drawn again while cat_max_ratio refuses them (random windows only: a
+        class-uniform crop is centred on its class on purpose)."""
         choice = (sampling.class_uniform_choice(self.positions, recipe.class_uniform)
                   if self.positions is not None else None)
         if choice is not None:
@@ -152,7 +154,7 @@ class SegmentationDataset(Dataset):
         if choice is not None:
             d = sampling.centred(d, size, recipe.crop, choice[1], choice[2])
         regions = self._regions(index)
-        if recipe.cat_max_ratio < 1:
+        if recipe.cat_max_ratio < 1 and choice is None:  # a centred crop stays centred
             d, mask_crop = sampling.limit_dominance(
                 d, recipe.crop,
                 lambda candidate: crop(regions[1], IGNORE_INDEX, size, candidate, recipe.crop,

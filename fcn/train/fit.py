@@ -221,7 +221,9 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     identity = dict(identity or {})
     if train.init is not None:  # the file's content, not only its path, names the run
         if not Path(train.init).is_file():
-            raise DataError(f"{train.init}: train.init: checkpoint not found")
+            raise DataError(f"{train.init}: train.init: checkpoint not found (keep it outside "
+                            f"train.out, {train.out}: DVC deletes the stage's outputs first)")
+        ckpt.check_init(train.init, model)  # a foreign file: one line before any work
         identity["init"] = {"sha256": file_digest(Path(train.init))}
     hashed = ckpt.hashed_params(model, train, identity)
     weights = train.class_weights

@@ -72,6 +72,20 @@ def check_train_ids(mask: torch.Tensor, path: Path) -> None:
                         f"(0..{NUM_CLASSES - 1}) nor ignore ({IGNORE_INDEX})")
 
 
+def load_mask(pair: Pair, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """The trainId mask (uint8[H, W]), decoded and checked (values, and the size its header
+    said)."""
+    labels = read_labels(pair.mask, "mask", max_pixels)  # label values as stored (any depth)
+    if labels.size and int(labels.max()) > 255:
+        check_train_ids(torch.from_numpy(labels.astype(np.int64)), pair.mask)
+    mask = torch.from_numpy(labels.astype(np.uint8))
+    if tuple(mask.shape) != pair.size:
+        raise DataError(f"{pair.mask}: mask is {tuple(mask.shape)} (height, width) but its "
+                        f"header said {pair.size}")
+    check_train_ids(mask, pair.mask)
+    return mask
+
+
 def load_pair(pair: Pair, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (uint8[3, H, W]) and its trainId mask (uint8[H, W]), decoded and checked."""
     image = read_tensor(pair.image, 3, "image", max_pixels)

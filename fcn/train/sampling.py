@@ -12,10 +12,10 @@ a sample depends only on (seed, epoch, index), whatever the workers, ranks or re
   The positions are computed once when the run starts (`class_positions`: up to
   `POINTS_PER_CLASS` pixels per image and class on a `STRIDE`-pixel grid), never scanned per
   sample.
-- **`cat_max_ratio`** (mmsegmentation's `RandomCrop`): a crop window in which one class covers
-  more than the ratio of the labelled (non-ignore) pixels, or that holds a single class, is
-  drawn again, up to `tries` windows in all; the first window that passes is used, or the
-  last one drawn when none does (as mmsegmentation does).
+- **`cat_max_ratio`** (mmsegmentation's `RandomCrop`): a random crop window in which one class
+  covers at least the ratio of the labelled (non-ignore) pixels, or that holds a single class,
+  is drawn again, up to `tries` windows in all; the first window that passes is used, or the
+  last one drawn when none does (as mmsegmentation does). A class-uniform crop is not redrawn.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def test_export_writes_16_bit_maps_that_read_back_to_the_probabilities(data, tmp
                                       19, 16)
         assert np.abs(ours_entropy - entropy).max() <= 0.5 / 65535 * math.log(19) + 1e-5
     overlays = sorted(p.name for p in paths.overlays.iterdir())
-    assert len(overlays) == 4 and sum(n.startswith("overlay_confidence_") for n in overlays) == 2
+    assert len(overlays) == 6 and sum(n.startswith("overlay_confidence_") for n in overlays) == 2
+    assert sum(n.startswith("overlay_entropy_") for n in overlays) == 2
     # the zip and the predictions folder hold the label files only, as before
     assert not [p for p in paths.predictions.rglob("*") if "confidence" in p.name]
 
@@ -89,6 +90,7 @@ def test_fcn_predict_writes_8_bit_maps_at_a_temperature_and_the_folder_still_sco
     sharper, _ = _expected(data, image_path, temperature=1.0)
     assert (confidence <= sharper + 1e-6).all() and (confidence < sharper).any()  # T > 1 softens
     assert (target / f"overlay_confidence_{name}.png").exists()
+    assert (target / f"overlay_entropy_{name}.png").exists()
     # one `<city>_<seq>_<frame>*.png` match per image still: the maps' names start with a prefix
     labels = [mask_path(data.generated, "val", stem_of(p), "labelIds")
               for p in list_images(data.root, "val")]

@@ -38,7 +38,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     maps = parser.add_argument_group("confidence maps (default: off)")
     maps.add_argument("--confidence", action=argparse.BooleanOptionalAction,
                       dest="confidence_maps", help="also write confidence_<name>.png (max "
-                      "probability) and entropy_<name>.png per image, and a confidence overlay")
+                      "probability) and entropy_<name>.png per image, and their overlays")
     maps.add_argument("--confidence-bits", type=int, choices=[8, 16], dest="confidence_bits",
                       help="PNG bit depth: value = round(x * (2^bits - 1)), x = the max "
                       "probability, or the entropy / ln(19)")

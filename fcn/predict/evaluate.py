@@ -335,12 +335,12 @@ def write_plots(scores: CityscapesScores, panels: dict[str, np.ndarray], paths: 
              "accuracy": "" if math.isnan(acc) else acc}
             for w, iou, acc in zip(boundary["trimap_widths"], boundary["trimap_miou"],
                                    boundary["trimap_pixel_accuracy"])]))
-        if analysis.calibration is not None:
+        if analysis.calibration is not None:  # the bins holding pixels (an empty one would
+            # be drawn as a point at 0 and bend the diagram)
             write_text(tmp / RELIABILITY, _csv([
-                {"confidence": (row["lower"] + row["upper"]) / 2,
-                 "accuracy": "" if math.isnan(row["accuracy"]) else row["accuracy"],
-                 "mean_confidence": "" if math.isnan(row["confidence"]) else row["confidence"],
-                 "pixels": row["count"]}
-                for row in analysis.calibration["reliability"]]))
+                {"confidence": (row["lower"] + row["upper"]) / 2, "accuracy": row["accuracy"],
+                 "mean_confidence": row["confidence"], "pixels": row["count"]}
+                for row in analysis.calibration["reliability"] if row["count"]],
+                ("confidence", "accuracy", "mean_confidence", "pixels")))
         for rank, (stem, _, panel) in enumerate(analysis.worst, 1):
             write_png(tmp / WORST / f"{rank:02d}_{stem}.png", panel)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LABELS_SUFFIX, OVERLAY_PREFIX = "_labelIds.png", "overlay_"
 CONFIDENCE_PREFIX, ENTROPY_PREFIX = "confidence_", "entropy_"
 """What `predict_folder` writes per image: `<name>_labelIds.png` and `overlay_<name>.png`, and
-with confidence maps `confidence_<name>.png`, `entropy_<name>.png` and
-`overlay_confidence_<name>.png`. Every name but the labels' starts with a prefix so that a
+with confidence maps `confidence_<name>.png`, `entropy_<name>.png`,
+`overlay_confidence_<name>.png` and `overlay_entropy_<name>.png`. Every name but the labels' starts with a prefix so that a
 search for `<city>_<seq>_<frame>*.png` (the official evaluator's, and `evaluate
 --predictions`'s) finds one file per image in the folder."""
 
@@ -175,9 +176,10 @@ def export_split(predictor: Predictor, data_root: str | Path, paths: ExportPaths
                 writer.submit(write_entropy_png, city / f"{ENTROPY_PREFIX}{stem}.png", entropy,
                               len(scores), params.confidence_bits)
                 if stem in overlay_stems:
-                    writer.submit(write_png, overlays / f"{OVERLAY_PREFIX}{CONFIDENCE_PREFIX}"
-                                  f"{stem}.png", blend(image, heat_colors(confidence),
-                                                       params.overlay_alpha))
+                    for prefix, values in ((CONFIDENCE_PREFIX, confidence),
+                                           (ENTROPY_PREFIX, entropy / math.log(len(scores)))):
+                        writer.submit(write_png, overlays / f"{OVERLAY_PREFIX}{prefix}{stem}.png",
+                                      blend(image, heat_colors(values), params.overlay_alpha))
         write_submission_zip(paths.zip, predictions, stems)
     log.info("wrote %d %s predictions to %s and %s", len(images), paths.split, paths.predictions,
              paths.zip)
@@ -249,7 +251,8 @@ def output_names(target: Path, confidence: bool) -> list[Path]:
              target.parent / f"{OVERLAY_PREFIX}{target.name}.png"]
     if confidence:
         names += [target.parent / f"{prefix}{target.name}.png" for prefix in
-                  (CONFIDENCE_PREFIX, ENTROPY_PREFIX, OVERLAY_PREFIX + CONFIDENCE_PREFIX)]
+                  (CONFIDENCE_PREFIX, ENTROPY_PREFIX, OVERLAY_PREFIX + CONFIDENCE_PREFIX,
+                   OVERLAY_PREFIX + ENTROPY_PREFIX)]
     return names
 
 
@@ -333,8 +336,10 @@ def _predict_folder(predictor: Predictor, folder: Path, images: Sequence[Path], 
                 writer.submit(write_entropy_png, target.parent /
                               f"{ENTROPY_PREFIX}{target.name}.png", entropy, len(scores),
                               params.confidence_bits)
-                writer.submit(write_png, target.parent / f"{OVERLAY_PREFIX}{CONFIDENCE_PREFIX}"
-                              f"{target.name}.png", blend(image, heat_colors(confidence),
-                                                          params.overlay_alpha))
+                for prefix, values in ((CONFIDENCE_PREFIX, confidence),
+                                       (ENTROPY_PREFIX, entropy / math.log(len(scores)))):
+                    writer.submit(write_png, target.parent / f"{OVERLAY_PREFIX}{prefix}"
+                                  f"{target.name}.png", blend(image, heat_colors(values),
+                                                              params.overlay_alpha))
     log.info("wrote predictions of %d images under %s", len(images), out)
     return len(images)

@@ -429,7 +429,7 @@ def test_plots_show_writes_curves_class_iou_confusion_and_samples(
             bars = list(csv.DictReader(f))
         assert len(bars) == 19 and any(row["boundary_iou"] for row in bars)
         with (repo / "plots" / "evaluate" / "reliability.csv").open(newline="") as f:
-            filled = sum(1 for row in csv.DictReader(f) if row["accuracy"])
+            filled = sum(1 for row in csv.DictReader(f) if row["accuracy"])  # every row
         if rendered:
             assert rendered.charts[boundary_div]["rects"] == 19  # undefined: an empty bar
             assert max(rendered.charts[reliability_div]["line_points"]) == filled > 0

@@ -163,3 +163,26 @@ def test_scoring_exported_files_gives_the_same_boundary_and_rows_without_calibra
     assert not (folder / "plots" / RELIABILITY).exists()
     gallery = sorted((folder / "plots" / WORST).iterdir())
     assert Image.open(gallery[0]).size == (4 * 128 + 3 * 4, 64)  # no confidence panel
+
+
+def test_with_flip_tta_the_figures_read_the_averaged_probabilities(data, tmp_path):
+    """Flip TTA averages the two views' probabilities: the ECE and rows are those of that
+    average (its max is the confidence, not a softmax of it), and the temperature is fitted
+    on its log, lowering NLL as with logits."""
+    params = EvaluateParams(batch_size=1, workers=2, samples=0, worst=0, trimap_widths=[2],
+                            temperature_pixels=20_000, flip_tta=True)
+    evaluate_stage(data.root, data.generated, None, params, _report(tmp_path), data.checkpoint)
+    metrics = json.loads((tmp_path / "evaluate.json").read_text())
+    predictor = Predictor.from_params(data.checkpoint, None, params)
+    assert predictor.averages_probabilities
+    ece = ECEAccumulator(19, 15)
+    for image_path in list_images(data.root, "val"):
+        stem = stem_of(image_path)
+        truth = ID_TO_TRAINID[read_labels(mask_path(data.generated, "val", stem, "labelIds"),
+                                          "truth")]
+        labels, scores = predictor.predict(np.stack([read_rgb(image_path)]), keep_scores=True)
+        assert torch.allclose(scores[0].sum(0), torch.ones(scores.shape[-2:]), atol=1e-5)
+        ece.add(scores[0].max(0).values.numpy(), labels[0], truth)
+    assert metrics["ece"] == ece.result()["ece"]
+    fit = metrics["calibration"]
+    assert fit["nll_after"] < fit["nll_before"] and fit["pixels"] > 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fcn.atomic import write_json
 from fcn.cityscapes.labels import CLASS_NAMES
 from fcn.masks.generate import generate
 from fcn.params import SynthesizeParams, load_params
@@ -128,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = {"command": "python benchmarks/class_sampling.py", "samples": args.samples,
                   "rounds": args.rounds, "image_size": [data.height, data.width],
                   "crop": list(crop), "rows": rows}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
         print(f"wrote {out}")
 
 

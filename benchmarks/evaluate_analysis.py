@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import platform
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from inference_modes import random_checkpoint  # benchmarks/, this script's folder
+from fcn.atomic import write_json
 from fcn.checkpoint import load_model
 from fcn.cityscapes.layout import ENCODINGS
 from fcn.masks.generate import generate
@@ -139,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "added_percent_at_500_images": at_500,
               "peak_python_mb": {str(k): v for k, v in peaks.items()}}
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
         print(f"wrote {out}")
 
 

@@ -331,15 +331,16 @@ def check_init(path: str | Path, params: ModelParams) -> dict[str, Any]:
     return checkpoint["model"]
 
 
-def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParams
-                    ) -> InitReport:
+def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParams,
+                    weights: Mapping[str, Any] | None = None) -> InitReport:
     """Whole-model initialisation (train.init, fine-tuning): every tensor of the checkpoint at
     `path` whose name, shape and dtype match one of `model`'s is copied into it; the model's
     other tensors keep their initialisation (a score layer for another class count, fc6/fc7
     when one side has them). Refused in one line (DataError): a file that is not a training
     checkpoint of this project, one of another backbone than `params.backbone` (its layers
-    would match by name only by accident), or one from which no tensor fits."""
-    weights = check_init(path, params)
+    would match by name only by accident), or one from which no tensor fits. `weights`: what
+    `check_init(path, params)` returned, when the caller has read the file already."""
+    weights = check_init(path, params) if weights is None else weights
     own = model.state_dict()  # tensors sharing the parameters' and buffers' storage
     loaded = [name for name, tensor in weights.items()
               if isinstance(tensor, torch.Tensor) and name in own

@@ -62,12 +62,13 @@ def confusion_matrix(target: torch.Tensor, prediction: torch.Tensor,
     return matrix.compute()
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator elementwise, NaN where the denominator is 0 (not defined)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nanmean(values: np.ndarray) -> float:
     """Mean over classes that are defined (NaN only if none is)."""
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else math.nan
@@ -81,9 +82,9 @@ def class_scores(matrix: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
     fp = cm.sum(axis=0) - tp
     fn = cm.sum(axis=1) - tp
     return {
-        "iou": _ratio(tp, tp + fp + fn),
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
-        "accuracy": _ratio(tp, tp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": ratio(tp, tp + fn),
     }
 
 
@@ -93,8 +94,8 @@ def summary(matrix: torch.Tensor | np.ndarray) -> dict[str, float]:
     cm = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)
     total = cm.sum()
     return {
-        "miou": _nanmean(per_class["iou"]),
-        "mean_dice": _nanmean(per_class["dice"]),
-        "mean_pixel_accuracy": _nanmean(per_class["accuracy"]),
+        "miou": nanmean(per_class["iou"]),
+        "mean_dice": nanmean(per_class["dice"]),
+        "mean_pixel_accuracy": nanmean(per_class["accuracy"]),
         "pixel_accuracy": float(np.trace(cm) / total) if total else math.nan,
     }

@@ -47,6 +47,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from fcn.cityscapes.labels import IGNORE_INDEX, NUM_CLASSES
+from fcn.metrics import nanmean, ratio
 
 DEFAULT_WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 """Trimap widths in pixels (DeepLab plots accuracy for bands of up to ~40 pixels)."""
@@ -141,8 +142,8 @@ class BoundaryAccumulator:
             "height": height,
             "width": width,
             "radius": radius,
-            "boundary_miou": _nanmean(_ratio(intersection[present], union[present])),
-            "trimap_miou": [_nanmean(_trimap_iou(m)) for m in confusion],
+            "boundary_miou": nanmean(ratio(intersection[present], union[present])),
+            "trimap_miou": [nanmean(_trimap_iou(m)) for m in confusion],
             "trimap_pixel_accuracy": [_accuracy(m) for m in confusion],
         }
 
@@ -155,19 +156,19 @@ class BoundaryAccumulator:
         and trimap_pixels (valid ground-truth pixels in the band), each per width.
         """
         per_width = [_trimap_iou(m) for m in self.confusion]
-        boundary = _ratio(self.intersection, self.union)
+        boundary = ratio(self.intersection, self.union)
         return {
             "images": self.images,
             "num_classes": self.num_classes,
             "ratio": self.ratio,
             "radius_by_size": {f"{h}x{w}": d for (h, w), d in sorted(self.radius_by_size.items())},
             "boundary_iou": boundary.tolist(),
-            "boundary_miou": _nanmean(boundary),
+            "boundary_miou": nanmean(boundary),
             "boundary_intersection": self.intersection.tolist(),
             "boundary_union": self.union.tolist(),
             "trimap_widths": list(self.widths),
             "trimap_iou": [iou.tolist() for iou in per_width],
-            "trimap_miou": [_nanmean(iou) for iou in per_width],
+            "trimap_miou": [nanmean(iou) for iou in per_width],
             "trimap_pixel_accuracy": [_accuracy(m) for m in self.confusion],
             "trimap_pixels": [int(m.sum()) for m in self.confusion],
         }
@@ -271,7 +272,7 @@ def _trimap_iou(confusion: np.ndarray) -> np.ndarray:
     """Per-class tp / (tp + fp + fn) of a C x (C + 1) matrix (column C: prediction 255)."""
     c = confusion.shape[0]
     tp = np.diagonal(confusion)
-    return _ratio(tp, confusion.sum(axis=1) + confusion[:, :c].sum(axis=0) - tp)
+    return ratio(tp, confusion.sum(axis=1) + confusion[:, :c].sum(axis=0) - tp)
 
 
 def _accuracy(confusion: np.ndarray) -> float:
@@ -279,12 +280,3 @@ def _accuracy(confusion: np.ndarray) -> float:
     return float(np.trace(confusion) / total) if total else math.nan
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
-
-
-def _nanmean(values: np.ndarray) -> float:
-    """Mean over the defined entries (NaN only if none is)."""
-    finite = values[~np.isnan(values)]
-    return float(finite.mean()) if finite.size else math.nan

@@ -285,10 +285,11 @@ class LogitSample:
         return self._labels[: self.size]
 
     def add(self, logits: torch.Tensor, ground_truth: np.ndarray | torch.Tensor,
-            index: int) -> int:
+            index: int, are_probabilities: bool = False) -> int:
         """Sample image number `index` (>= 0): logits float (C, H, W) on any device, ground
-        truth integer (H, W) with `ignore_index` for pixels left out. Returns the pixels
-        taken. A ground-truth class outside [0, C) on a sampled pixel is a ValueError."""
+        truth integer (H, W) with `ignore_index` for pixels left out; `are_probabilities`:
+        the scores are mean probabilities of several views, kept as their log. Returns the
+        pixels taken. A ground-truth class outside [0, C) on a sampled pixel is a ValueError."""
         if logits.ndim != 3 or logits.shape[0] != self.num_classes:
             raise ValueError(f"LogitSample.add: expected logits ({self.num_classes}, H, W), "
                              f"got {tuple(logits.shape)}")
@@ -312,6 +313,8 @@ class LogitSample:
                              f"[0, {self.num_classes}) other than {self.ignore_index}")
         chosen = torch.from_numpy(valid).to(logits.device)
         rows = logits.detach().reshape(self.num_classes, -1).index_select(1, chosen)
+        if are_probabilities:  # averaged views: their log, on the sampled pixels only
+            rows = rows.clamp_min(torch.finfo(rows.dtype).tiny).log()
         self._logits[self.size: self.size + take] = rows.t().to("cpu", torch.float32)
         self._labels[self.size: self.size + take] = torch.from_numpy(labels)
         self.size += take

@@ -78,9 +78,7 @@ class EvaluationAnalysis:
             confidence = confidence_map[0].numpy()
             ece = self.ece.add(confidence, prediction, ground_truth)
             if self.sample is not None:
-                logits = probabilities.clamp_min(torch.finfo(torch.float32).tiny).log() \
-                    if averaged else scores
-                self.sample.add(logits, ground_truth, index)
+                self.sample.add(scores, ground_truth, index, are_probabilities=averaged)
         row = {"image": stem, "city": city_of(stem), **scores_of_image,
                "boundary_iou": boundary["boundary_miou"], "ece": ece,
                "confused": confused_pairs(confusion)}

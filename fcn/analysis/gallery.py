@@ -10,7 +10,7 @@ panel width), and a panel is drawn only for an image that enters the k.
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import math
 from collections.abc import Callable
 
@@ -60,36 +60,17 @@ class WorstImages:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self._heap: list[tuple[float, _Reversed, np.ndarray]] = []  # max-heap on (score, stem)
+        self._kept: list[tuple[float, str, np.ndarray]] = []  # sorted by (score, stem)
 
     def add(self, score: float, stem: str, draw: Callable[[], np.ndarray]) -> None:
         if self.k <= 0 or math.isnan(score):
             return
-        key = (-score, _Reversed(stem))
-        if len(self._heap) < self.k:
-            heapq.heappush(self._heap, (*key, draw()))
-        elif key > self._heap[0][:2]:  # better (lower score, or same score and smaller stem)
-            heapq.heapreplace(self._heap, (*key, draw()))
+        if len(self._kept) == self.k and (score, stem) >= self._kept[-1][:2]:
+            return
+        keys = [entry[:2] for entry in self._kept]
+        self._kept.insert(bisect.bisect(keys, (score, stem)), (score, stem, draw()))
+        del self._kept[self.k:]
 
     def result(self) -> list[tuple[str, float, np.ndarray]]:
         """(stem, score, panel), worst first."""
-        entries = sorted(self._heap, key=lambda e: (-e[0], e[1].stem))
-        return [(e[1].stem, -e[0], e[2]) for e in entries]
-
-
-class _Reversed:
-    """A stem ordered backwards, so the heap's root is the largest (score, stem) kept."""
-
-    __slots__ = ("stem",)
-
-    def __init__(self, stem: str) -> None:
-        self.stem = stem
-
-    def __lt__(self, other: _Reversed) -> bool:
-        return self.stem > other.stem
-
-    def __gt__(self, other: _Reversed) -> bool:
-        return self.stem < other.stem
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Reversed) and self.stem == other.stem
+        return [(stem, score, panel) for score, stem, panel in self._kept]

@@ -219,11 +219,12 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     if not context.is_main:
         logging.getLogger("fcn").setLevel(logging.WARNING)
     identity = dict(identity or {})
+    init_weights = None
     if train.init is not None:  # the file's content, not only its path, names the run
         if not Path(train.init).is_file():
             raise DataError(f"{train.init}: train.init: checkpoint not found (keep it outside "
                             f"train.out, {train.out}: DVC deletes the stage's outputs first)")
-        ckpt.check_init(train.init, model)  # a foreign file: one line before any work
+        init_weights = ckpt.check_init(train.init, model)  # a foreign file: before any work
         identity["init"] = {"sha256": file_digest(Path(train.init))}
     hashed = ckpt.hashed_params(model, train, identity)
     weights = train.class_weights
@@ -238,11 +239,13 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
         with training_mode(context.device, train.precision):
             if not context.is_main:
                 return _fit(model, train, Path(root), Path(generated), hashed, context,
-                            directory, Path(train.out), live, weights, decoded, max_pixels)
+                            directory, Path(train.out), live, weights, decoded, max_pixels,
+                            init_weights)
             with resume.locked(directory, hashed):
                 log.info("training state: %s", directory)
                 return _fit(model, train, Path(root), Path(generated), hashed, context,
-                            directory, Path(train.out), live, weights, decoded, max_pixels)
+                            directory, Path(train.out), live, weights, decoded, max_pixels,
+                            init_weights)
     finally:
         teardown(context)
 
@@ -275,7 +278,8 @@ def _sync_batchnorm(model: torch.nn.Module, enabled: bool, context: Context) -> 
 def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
          hashed: Mapping[str, Any], context: Context, directory: Path | None, out: Path,
          live_dir: Path | None, class_weights: list[float] | None,
-         decoded: str | Path | None, max_pixels: int) -> dict[str, Any]:
+         decoded: str | Path | None, max_pixels: int,
+         init_weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
     device = context.device
     compute = flags(device, t.precision)
     if device.type == "cpu" and t.precision != "fp32":
@@ -293,7 +297,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     model = build_model(model_params, NUM_CLASSES)
     init = None
     if t.init is not None:
-        init = ckpt.initialise_from(model, t.init, model_params)
+        init = ckpt.initialise_from(model, t.init, model_params, init_weights)
         log.info("train.init: %d tensors loaded from %s; %d left as built%s; %d of the "
                  "checkpoint's unused%s", len(init.loaded), t.init, len(init.fresh),
                  f" ({', '.join(init.fresh[:8])}{' …' if len(init.fresh) > 8 else ''})"

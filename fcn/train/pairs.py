@@ -72,13 +72,18 @@ def check_train_ids(mask: torch.Tensor, path: Path) -> None:
                         f"(0..{NUM_CLASSES - 1}) nor ignore ({IGNORE_INDEX})")
 
 
-def load_mask(pair: Pair, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """The trainId mask (uint8[H, W]), decoded and checked (values, and the size its header
-    said)."""
+def _decode_mask(pair: Pair, max_pixels: int) -> torch.Tensor:
+    """The mask as uint8; values above 255 (a 16-bit file) refused first, before the cast."""
     labels = read_labels(pair.mask, "mask", max_pixels)  # label values as stored (any depth)
     if labels.size and int(labels.max()) > 255:
         check_train_ids(torch.from_numpy(labels.astype(np.int64)), pair.mask)
-    mask = torch.from_numpy(labels.astype(np.uint8))
+    return torch.from_numpy(labels.astype(np.uint8))
+
+
+def load_mask(pair: Pair, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """The trainId mask (uint8[H, W]), decoded and checked (values, and the size its header
+    said)."""
+    mask = _decode_mask(pair, max_pixels)
     if tuple(mask.shape) != pair.size:
         raise DataError(f"{pair.mask}: mask is {tuple(mask.shape)} (height, width) but its "
                         f"header said {pair.size}")
@@ -89,10 +94,7 @@ def load_mask(pair: Pair, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
 def load_pair(pair: Pair, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (uint8[3, H, W]) and its trainId mask (uint8[H, W]), decoded and checked."""
     image = read_tensor(pair.image, 3, "image", max_pixels)
-    labels = read_labels(pair.mask, "mask", max_pixels)  # label values as stored (any depth)
-    if labels.size and int(labels.max()) > 255:
-        check_train_ids(torch.from_numpy(labels.astype(np.int64)), pair.mask)
-    mask = torch.from_numpy(labels.astype(np.uint8))
+    mask = _decode_mask(pair, max_pixels)
     if image.shape[-2:] != mask.shape or tuple(mask.shape) != pair.size:
         raise DataError(f"image {pair.image} is {tuple(image.shape[-2:])} but its mask "
                         f"{pair.mask} is {tuple(mask.shape)} (height, width; headers said "

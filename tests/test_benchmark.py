@@ -249,7 +249,7 @@ def test_trained_like_model_predicts_varied_classes():
 
 
 def test_failing_configuration_is_skipped_with_the_error(monkeypatch):
-    def broken(job):
+    def broken(job, start_method):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(bench, "run_isolated", broken)

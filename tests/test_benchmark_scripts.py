@@ -183,6 +183,12 @@ SMOKES = (
         r"change\)$",
         *(rf"^{name} +{N} samples/s per core \({N}x the loader before this change\)$"
           for name in ("random crops", r"class_uniform 0\.5", r"cat_max_ratio 0\.75", "both")))),
+    Smoke("worker_start", patterns=(
+        r"^1 configuration\(s\), one worker process each, best of 1 round\(s\):$",
+        rf"^  forkserver +{N} s  \({N} s per configuration\)$",
+        rf"^  spawn +{N} s  \({N} s per configuration\)$",
+        rf"^forkserver / spawn: {N}x the time \([+-]?{N} s saved\)$",
+        rf"^  fp32-nchw-eager-b1 +median latency: spawn +{N} ms, forkserver +{N} ms$")),
     Smoke("dvc_hashing", patterns=(
         rf"^10 files, {N} GB \(written in {N} s\): first dvc status {N} s \({N} GB/s, page "
         rf"cache (?:warm|dropped)\), second {N} s$",)),

@@ -3,7 +3,7 @@
 Protocol (mmsegmentation's, made explicit): whole images, warm-up calls first, then timed calls
 of the model's forward pass (logits; no data loading, no argmax), synchronising the device
 before reading the clock (CUDA events; `perf_counter` on CPU). Each configuration runs in a
-fresh spawned process (`fcn.benchmark.worker`), so one configuration's caches, compiled graphs,
+fresh process (`fcn.benchmark.worker`: forked from a server that has only imported it), so one configuration's caches, compiled graphs,
 allocator state or crash cannot colour another's figures.
 
 A configuration is precision × channels-last × torch.compile × batch size. Precisions: `fp32`

@@ -141,13 +141,14 @@ def jobs(configs: list[Config], processes: str) -> list[list[Config]]:
 
 def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
                   progress: bool = True, processes: str = "per_config",
-                  isolate: bool = True) -> dict[str, Any]:
+                  isolate: bool = True, start_method: str = "forkserver") -> dict[str, Any]:
     """Measure every configuration `params` asks for; the JSON-ready results.
 
     Configurations the device cannot run are entries with status 'skipped' and a reason; a
     configuration that fails (out of memory, compiler error) is skipped with the error.
     `processes`: how configurations share worker processes (`jobs`); `isolate` False measures
-    in this process instead (the GPU check's dry run, whose CUDA fakes live in this process).
+    in this process instead (the GPU check's dry run, whose CUDA fakes live in this process);
+    `start_method`: how worker processes start (`fcn.benchmark.worker.worker_context`).
     """
     load_start = load_average()
     protocol, configs = plan(params)
@@ -194,7 +195,7 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
             job = Job(tuple(group), protocol, model_params, str(state_path), str(images_path),
                       str(onnx_path) if onnx_path else None)
             try:
-                raws = run_isolated(job) if isolate else measure(job)
+                raws = run_isolated(job, start_method) if isolate else measure(job)
             except Exception as exc:  # noqa: BLE001 - any failure skips just these configs
                 failure = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 raws = [{"error": failure.removeprefix("failed: ")}] * len(group)

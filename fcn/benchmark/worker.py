@@ -1,5 +1,11 @@
-"""Measuring configurations in a fresh spawned process: latency per call, peak memory, the
-matmul rate alongside, and image 0's prediction for the agreement check.
+"""Measuring configurations in a fresh process: latency per call, peak memory, the matmul rate
+alongside, and image 0's prediction for the agreement check.
+
+Each job's process is forked from a server process that has imported this module and done
+nothing else (multiprocessing's forkserver, with this module preloaded): as clean as a spawned
+interpreter (no CUDA context, no thread pool, no model), without paying the ~3.5 s import of
+torch and torchvision again for every configuration (`benchmarks/worker_start.py` measures
+both).
 
 A job is one or more configurations measured one after the other in the same process
 (`fcn.benchmark.run` decides: one per process for the stage, so one configuration's caches,
@@ -301,11 +307,27 @@ def _onnxruntime(job: Job, x: torch.Tensor
     return call, classes, "host clock"
 
 
-def run_isolated(job: Job) -> list[dict[str, Any]]:
-    """`measure(job)` in a fresh spawned process; a dead worker is re-raised as RuntimeError
-    naming what happened, and an interrupted wait kills the worker (a compile would otherwise
-    hold the caller until it finished)."""
-    context = multiprocessing.get_context("spawn")
+START_METHODS = ("forkserver", "spawn")
+
+
+def worker_context(start_method: str = "forkserver") -> multiprocessing.context.BaseContext:
+    """The context job processes start from: `forkserver` (the default), whose server imports
+    this module once, so every job forks from an interpreter that holds the imports and
+    nothing else; or `spawn`, a new interpreter per job (the reference the start-up benchmark
+    compares with). The server starts before any CUDA call here, so forking it is safe."""
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload([__name__])  # no effect once the server runs
+    return context
+
+
+def run_isolated(job: Job, start_method: str = "forkserver") -> list[dict[str, Any]]:
+    """`measure(job)` in a fresh process (`worker_context`); a dead worker is re-raised as
+    RuntimeError naming what happened, and an interrupted wait kills the worker (a compile
+    would otherwise hold the caller until it finished)."""
+    context = worker_context(start_method)
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context)
     try:
         return pool.submit(measure, job).result()

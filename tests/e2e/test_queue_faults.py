@@ -40,46 +40,103 @@ FIRST = ("-n", "first", "train", "-S", f"train.lr={LR}")
 SECOND = ("-n", "second", "train", "-S", "train.lr=0.004", "-S", "train.epochs=1")
 
 
-def _start_queue(repo: Path, log: Path) -> None:
-    """`dvc queue start -j 1`. Its output goes to a file: the worker it spawns keeps the
-    descriptors open, so a pipe would not close until the worker exits."""
-    with log.open("a") as out:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], cwd=repo,
-                       env=environment(repo), stdin=subprocess.DEVNULL, stdout=out,
-                       stderr=subprocess.STDOUT, timeout=120, check=True)
-
-
-def _statuses(repo: Path) -> list[tuple[str, str]]:
-    """(name, status) of every task `dvc queue status` lists, sorted."""
+def _queue(repo: Path) -> tuple[list[tuple[str, str]], bool]:
+    """(name, status) of every task `dvc queue status` lists, sorted, and whether a worker is
+    alive (its last line: "Worker status: A active, I idle")."""
     lines = dvc(repo, "queue", "status").stdout.splitlines()
     rows = [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker")]
-    return sorted((row[1], row[-1]) for row in rows)
+    workers = [line for line in lines if line.startswith("Worker status:")]
+    alive = bool(workers) and workers[-1].split(":", 1)[1].strip() != "0 active, 0 idle"
+    return sorted((row[1], row[-1]) for row in rows), alive
 
 
-def _wait_until_idle(repo: Path, timeout: float = 300) -> list[tuple[str, str]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        statuses = _statuses(repo)
-        if not any(status in ("Queued", "Running") for _, status in statuses):
-            return statuses
-        time.sleep(3)
-    raise AssertionError(f"queue still busy after {timeout} s: {statuses}")
+def _diagnosis(repo: Path) -> str:
+    """What `dvc queue status` and every task log say, for a failure message."""
+    logs = "\n".join(f"--- {out.name}\n{out.read_text(errors='replace')[-3000:]}"
+                     for out in sorted((repo / ".dvc" / "tmp" / "exps" / "run").glob("*/*.out")))
+    return f"{dvc(repo, 'queue', 'status').stdout}\n{logs}"
 
 
-def _training_process(repo: Path, pattern: str, timeout: float = 300) -> psutil.Process:
-    """The queued run's train stage process, once its task log (what `dvc queue logs`
-    prints) shows `pattern`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for out in (repo / ".dvc" / "tmp" / "exps" / "run").glob("*/*.out"):
-            if pattern in out.read_text(errors="replace"):
-                for proc in psutil.process_iter(["cmdline", "cwd"]):
-                    cmdline, cwd = proc.info["cmdline"] or [], proc.info["cwd"] or ""
-                    if cmdline[-1:] == ["stages/train.py"] and cwd.startswith(str(repo)):
-                        return proc
-                raise AssertionError(f"{pattern!r} logged, but its training already ended")
-        time.sleep(0.05)
-    raise AssertionError(f"no queued run logged {pattern!r} within {timeout} s")
+class _Queue:
+    """The queue's worker, restarted when DVC's worker exits with tasks still queued.
+
+    DVC's celery worker sometimes stops, or never starts consuming, while tasks wait
+    ("Worker status: 0 active, 0 idle" beside Queued tasks; treeverse/dvc#10562, #10829): a
+    user runs `dvc queue start` again, and so does this test, at most `restarts` times, so a
+    CI run is not lost to a worker that never picked up the work this test is about."""
+
+    def __init__(self, repo: Path, log: Path, restarts: int = 3) -> None:
+        self.repo, self.log, self.restarts = repo, log, restarts
+        self._idle_since: float | None = None
+
+    def start(self) -> None:
+        """`dvc queue start -j 1`. Its output goes to a file: the worker it spawns keeps the
+        descriptors open, so a pipe would not close until the worker exits."""
+        with self.log.open("a") as out:
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"],
+                           cwd=self.repo, env=environment(self.repo), stdin=subprocess.DEVNULL,
+                           stdout=out, stderr=subprocess.STDOUT, timeout=120, check=True)
+        self._idle_since = None
+
+    def poll(self) -> list[tuple[str, str]]:
+        """The tasks' statuses; restarts a worker that left queued tasks behind for 30 s."""
+        statuses, alive = _queue(self.repo)
+        stranded = not alive and any(status == "Queued" for _, status in statuses) and not any(
+            status == "Running" for _, status in statuses)
+        if not stranded:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = time.monotonic()
+        elif time.monotonic() - self._idle_since > 30:
+            assert self.restarts > 0, f"the queue's worker keeps stopping:\n{_diagnosis(self.repo)}"
+            self.restarts -= 1
+            self.start()
+        return statuses
+
+    def wait_until_idle(self, timeout: float = 300) -> list[tuple[str, str]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            statuses = self.poll()
+            if not any(status in ("Queued", "Running") for _, status in statuses):
+                return statuses
+            time.sleep(3)
+        raise AssertionError(f"queue still busy after {timeout} s:\n{_diagnosis(self.repo)}")
+
+    def training_process(self, name: str, pattern: str,
+                         timeout: float = 300) -> psutil.Process:
+        """The queued run's train stage process, the moment its task log (what `dvc queue
+        logs` prints) shows `pattern`; fails at once, with the logs, if task `name` ends
+        first. The process is found before the pattern is logged and the log then read every
+        10 ms: a tiny epoch lasts well under a second, and a process scan after the pattern
+        (slow on a loaded machine) let the run finish before the kill."""
+        deadline = time.monotonic() + timeout
+        next_poll, process = time.monotonic(), None
+        while time.monotonic() < deadline:
+            if process is None:
+                process = self._train_stage()
+            elif not process.is_running():
+                raise AssertionError(f"the training ended before logging {pattern!r}:\n"
+                                     f"{_diagnosis(self.repo)}")
+            elif any(pattern in out.read_text(errors="replace") for out in
+                     (self.repo / ".dvc" / "tmp" / "exps" / "run").glob("*/*.out")):
+                return process
+            if process is None and time.monotonic() >= next_poll:  # costs a second of CPU
+                ended = [status for task, status in self.poll()
+                         if task == name and status not in ("Queued", "Running")]
+                assert not ended, f"task {name} ended ({ended[0]}) before logging " \
+                                  f"{pattern!r}:\n{_diagnosis(self.repo)}"
+                next_poll = time.monotonic() + 5
+            time.sleep(0.01 if process is not None else 0.2)
+        raise AssertionError(f"no queued run logged {pattern!r} within {timeout} s:\n"
+                             f"{_diagnosis(self.repo)}")
+
+    def _train_stage(self) -> psutil.Process | None:
+        """The train stage's python process running in a workspace of the copy, if any."""
+        for proc in psutil.process_iter(["cmdline", "cwd"]):
+            cmdline, cwd = proc.info["cmdline"] or [], proc.info["cwd"] or ""
+            if cmdline[-1:] == ["stages/train.py"] and cwd.startswith(str(self.repo)):
+                return proc
+        return None
 
 
 def _stop_everything(repo: Path) -> None:
@@ -123,11 +180,12 @@ def test_a_killed_queued_experiment_fails_the_next_runs_and_a_requeue_resumes(
     try:
         dvc(repo, "exp", "run", "--queue", *FIRST)
         dvc(repo, "exp", "run", "--queue", *SECOND)
-        _start_queue(repo, tmp_path / "queue-start.log")
-        victim = _training_process(repo, f"epoch 1/{EPOCHS}")  # mid-epoch 2 of the first
+        queue = _Queue(repo, tmp_path / "queue-start.log")
+        queue.start()
+        victim = queue.training_process("first", f"epoch 1/{EPOCHS}")  # mid-epoch 2 of it
         victim.send_signal(signal.SIGKILL)
 
-        assert _wait_until_idle(repo) == [("first", "Failed"), ("second", "Success")]
+        assert queue.wait_until_idle() == [("first", "Failed"), ("second", "Success")]
         failed = dvc(repo, "queue", "logs", "first").output
         # -9 when DVC's shell exec's the command (it is the python process DVC waits on), 137
         # (128 + SIGKILL) when the shell forks it and reports its child's death itself
@@ -137,8 +195,8 @@ def test_a_killed_queued_experiment_fails_the_next_runs_and_a_requeue_resumes(
         assert state is not None and ckpt.load(state / ckpt.LAST)["epoch"] == 1
 
         dvc(repo, "exp", "run", "--queue", *FIRST)  # the same name and parameters again
-        _start_queue(repo, tmp_path / "queue-start.log")
-        assert _wait_until_idle(repo) == [("first", "Failed"), ("first", "Success"),
+        queue.start()
+        assert queue.wait_until_idle() == [("first", "Failed"), ("first", "Success"),
                                           ("second", "Success")]
         rerun = dvc(repo, "queue", "logs", "first").output  # the newest task of that name
         assert f"resuming from {state / ckpt.LAST} (after epoch 1 of {EPOCHS})" in rerun, rerun

@@ -16,6 +16,11 @@ TIMING_OUTPUTS: dict[str, str] = {
                                   "and compute seconds, samples/s, validation seconds) and its "
                                   "system monitor (CPU, RAM, disk; GPU on CUDA); in git, one "
                                   "chart per file in `dvc plots show`",
+    "metrics/coarse/pretrain_timing/metrics.json": "coarse_pretrain (the coarse pipeline, "
+                                                    "`make coarse`): as train's",
+    "metrics/coarse/pretrain_timing/plots": "coarse_pretrain: as train's",
+    "metrics/coarse/finetune_timing/metrics.json": "coarse_finetune: as train's",
+    "metrics/coarse/finetune_timing/plots": "coarse_finetune: as train's",
     "metrics/deploy_latency.json": "deploy: PyTorch's and onnxruntime's latency at "
                                    "deploy.height × deploy.width on this machine (a metric, "
                                    "apart from the check's: it changes only when deploy reruns)",

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.cityscapes.layout import ENCODINGS, SPLITS
+from fcn.cityscapes.layout import ANNOTATION_SPLITS, COARSE, ENCODINGS, SOURCES, SPLITS, parse_source
 from fcn.errors import ParamsError
 from fcn.fields import check_section, param, section_schema, type_name  # noqa: F401 (re-export)
 
@@ -46,6 +46,8 @@ Device = Literal[DEVICES]  # type: ignore[valid-type]
 Encoding = Literal[ENCODINGS]  # type: ignore[valid-type]
 ClassWeightScheme = Literal["enet", "median_frequency"]
 Split = Literal[SPLITS]  # type: ignore[valid-type]
+CoarseSplit = Literal[ANNOTATION_SPLITS[COARSE]]  # type: ignore[valid-type]
+Source = Literal[SOURCES]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class SynthesizeParams:
     train_per_city: int = _p(24, ge=1, help="train images per city")
     val_per_city: int = _p(6, ge=1, help="val images per city")
     test_per_city: int = _p(4, ge=1, help="test images per city (annotations withheld)")
+    train_extra_cities: list[str] = _p(["augsburg", "dortmund"], help="cities of the "
+                                       "train_extra split (coarse annotations only; [] for none)")
+    train_extra_per_city: int = _p(8, ge=1, help="train_extra images per city")
+    coarse: bool = _p(True, help="also write gtCoarse annotations (coarser polygons, fewer "
+                      "objects) for train, train_extra and val, as Cityscapes ships them")
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,11 @@ class TrainParams:
     batch_size: int = _p(8, ge=1, help="training crops per forward pass and per process")
     accumulate: int = _p(1, ge=1, help="forward passes per optimizer step: the effective "
                          "batch is batch_size x accumulate x processes")
-    splits: list[Split] = _p(["train"], help="splits trained on; with val among them, "
-                             "best.pt is the last epoch (val no longer measures generalisation)")
+    splits: list[Source] = _p(["train"], help="(split, annotation set) pairs trained on: "
+                              "`train`, `val` (gtFine) or `gtCoarse/train`, "
+                              "`gtCoarse/train_extra`, `gtCoarse/val`; with val among them, "
+                              "best.pt is the last epoch (val no longer measures "
+                              "generalisation)")
     optimizer: Literal["sgd", "adamw"] = _p("adamw", help="SGD with momentum, or AdamW")
     lr: float = _p(2e-3, gt=0, help="peak learning rate (poly decay per iteration)")
     momentum: float = _p(0.9, ge=0, lt=1, help="SGD momentum (sgd only)")
@@ -166,6 +176,57 @@ class TrainParams:
     resume_dir: str | None = _p(None, help="where a run's checkpoints live until it ends, one "
                                 "folder per training-parameter hash, so a killed run resumes; "
                                 "null: $XDG_CACHE_HOME/fcn-cityscapes/resume (~/.cache/...)")
+
+
+@dataclass(frozen=True)
+class CoarseParams:
+    """The coarse → fine pipeline (`make coarse`: recipes/coarse_to_fine.yaml): gtCoarse's
+    masks, pre-training on them, then fine-tuning on gtFine from the pre-trained model. Each
+    phase trains with `train`'s parameters but for the fields here."""
+
+    generated: str = _p("data/generated_coarse", help="where the coarse_masks stage writes "
+                        "gtCoarse's masks (apart from data.generated: each stage replaces its "
+                        "folder whole)")
+    splits: list[CoarseSplit] = _p(list(ANNOTATION_SPLITS[COARSE]), help="gtCoarse splits "
+                                   "whose annotations are rendered")
+    pretrain_splits: list[Source] = _p(["gtCoarse/train", "gtCoarse/train_extra"], help=""
+                                       "what pre-training reads (train.splits' notation)")
+    pretrain_epochs: int | None = _p(12, ge=1, help="pre-training epochs (or null, with "
+                                     "pretrain_iterations set)")
+    pretrain_iterations: int | None = _p(None, ge=1, help="pre-training optimizer steps "
+                                         "instead of epochs")
+    pretrain_lr: float | None = _p(None, gt=0, help="pre-training's peak learning rate "
+                                   "(null: train.lr)")
+    pretrain_out: str = _p("models_coarse", help="pre-training's best.pt and last.pt")
+    finetune_splits: list[Source] = _p(["train"], help="what fine-tuning reads")
+    finetune_epochs: int | None = _p(12, ge=1, help="fine-tuning epochs (or null, with "
+                                     "finetune_iterations set)")
+    finetune_iterations: int | None = _p(None, ge=1, help="fine-tuning optimizer steps "
+                                         "instead of epochs")
+    finetune_lr: float | None = _p(None, gt=0, help="fine-tuning's peak learning rate (null: "
+                                   "train.lr)")
+    finetune_out: str = _p("models_finetune", help="fine-tuning's best.pt and last.pt; it "
+                           "starts from pretrain_out's last.pt (train.init)")
+
+
+PHASES = ("pretrain", "finetune")
+"""The coarse pipeline's training phases, in order."""
+
+
+def phase_train(train: TrainParams, coarse: CoarseParams, phase: str) -> TrainParams:
+    """`train` with a coarse → fine phase's fields: its sources, schedule, learning rate and
+    output folder; fine-tuning starts from pre-training's last.pt (the end of the coarse
+    schedule, as NVIDIA's and mmsegmentation's Cityscapes recipes fine-tune, not a
+    checkpoint chosen on val)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    get = lambda key: getattr(coarse, f"{phase}_{key}")  # noqa: E731
+    changes: dict[str, Any] = {"splits": get("splits"), "epochs": get("epochs"),
+                               "iterations": get("iterations"), "out": get("out"),
+                               "lr": get("lr") if get("lr") is not None else train.lr}
+    if phase == "finetune":
+        changes["init"] = f"{coarse.pretrain_out}/last.pt"
+    return dataclasses.replace(train, **changes)
 
 
 @dataclass(frozen=True)
@@ -292,6 +353,22 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     deploy: DeployParams = field(default_factory=DeployParams)
     benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
+    coarse: CoarseParams = field(default_factory=CoarseParams)
+
+
+def _check_sources(key: str, sources: list[str], problems: list[str]) -> None:
+    """A non-empty list of training sources, none twice (`train` is `gtFine/train`)."""
+    pairs = [parse_source(source) for source in sources]
+    if not pairs or len(set(pairs)) != len(pairs):
+        problems.append(f"{key}: expected train and/or val, or gtCoarse/<split>, without "
+                        f"repeats (test has no annotations), got {sources}")
+
+
+def _check_schedule(key: str, epochs: int | None, iterations: int | None,
+                    problems: list[str]) -> None:
+    if (epochs is None) == (iterations is None):
+        problems.append(f"{key}epochs, {key}iterations: set exactly one of them (the other "
+                        f"null), got epochs={epochs}, iterations={iterations}")
 
 
 def _check_relations(params: Params, problems: list[str]) -> None:
@@ -301,12 +378,15 @@ def _check_relations(params: Params, problems: list[str]) -> None:
         problems.append(f"train.crop: expected [height, width], each >= 32, got {t.crop}")
     if len(t.scale) != 2 or not 0 < t.scale[0] <= t.scale[1]:
         problems.append(f"train.scale: expected [min, max] with 0 < min <= max, got {t.scale}")
-    if (t.epochs is None) == (t.iterations is None):
-        problems.append("train.epochs, train.iterations: set exactly one of them (the other "
-                        f"null), got epochs={t.epochs}, iterations={t.iterations}")
-    if not t.splits or len(set(t.splits)) != len(t.splits) or "test" in t.splits:
-        problems.append(f"train.splits: expected train and/or val without repeats (test has "
-                        f"no annotations), got {t.splits}")
+    _check_schedule("train.", t.epochs, t.iterations, problems)
+    _check_sources("train.splits", t.splits, problems)
+    c = params.coarse
+    for phase in PHASES:
+        _check_schedule(f"coarse.{phase}_", getattr(c, f"{phase}_epochs"),
+                        getattr(c, f"{phase}_iterations"), problems)
+        _check_sources(f"coarse.{phase}_splits", getattr(c, f"{phase}_splits"), problems)
+    if not c.splits or len(set(c.splits)) != len(c.splits):
+        problems.append(f"coarse.splits: expected gtCoarse splits without repeats, got {c.splits}")
     if isinstance(t.class_weights, list) and (
         len(t.class_weights) != NUM_CLASSES or min(t.class_weights) < 0
         or max(t.class_weights) > 1e6 or not any(w > 0 for w in t.class_weights)
@@ -314,9 +394,9 @@ def _check_relations(params: Params, problems: list[str]) -> None:
         problems.append(f"train.class_weights: expected {NUM_CLASSES} numbers from 0 to 1e6, "
                         f"not all 0 (or null), got {t.class_weights}")
     s = params.synthesize
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "train_extra"):
         cities = getattr(s, f"{split}_cities")
-        if not cities:
+        if not cities and split != "train_extra":
             problems.append(f"synthesize.{split}_cities: needs at least one city")
         if len(set(cities)) != len(cities):
             problems.append(f"synthesize.{split}_cities: cities repeat: {cities}")
@@ -370,7 +450,10 @@ def _check_output_folders(params: Params, problems: list[str]) -> None:
     careless path would otherwise replace the dataset, or one stage's outputs another's."""
     root = Path(params.data.root).resolve()
     outputs = {"data.generated": params.data.generated, "decode.out": params.decode.out,
-               "train.out": params.train.out, "export.out": params.export.out}
+               "train.out": params.train.out, "export.out": params.export.out,
+               "coarse.generated": params.coarse.generated,
+               "coarse.pretrain_out": params.coarse.pretrain_out,
+               "coarse.finetune_out": params.coarse.finetune_out}
     resolved = {key: Path(value).resolve() for key, value in outputs.items()}
     for key, folder in resolved.items():
         if folder == root or root.is_relative_to(folder) or any(

@@ -337,6 +337,33 @@ def withheld(annotation: Annotation) -> Annotation:
                       tuple(o for o in annotation.objects if o.label in keep))
 
 
+VOID_BORDER = frozenset({"ego vehicle", "rectification border", "out of roi"})
+
+
+def coarsen(annotation: Annotation, rng: np.random.Generator) -> Annotation:
+    """A gtCoarse-style annotation of the same scene: fewer objects (each non-border object
+    kept with probability 0.7), each a coarser polygon (at most 6 of its vertices) pulled
+    5-15% towards its centroid, so boundaries stay unlabelled as in Cityscapes' coarse set.
+    Deleted objects, groups and the void border are kept as they are; the drawing order is
+    the fine annotation's, so later objects still cover earlier ones."""
+    objects = []
+    for obj in annotation.objects:
+        if obj.label in VOID_BORDER:
+            objects.append(obj)
+            continue
+        if rng.random() >= 0.7:
+            continue
+        points = np.asarray(obj.polygon, np.float64)
+        points = points[::max(1, -(-len(points) // 6))]
+        if len(points) < 3:
+            continue
+        centre = points.mean(axis=0)
+        points = centre + (points - centre) * rng.uniform(0.85, 0.95)
+        objects.append(PolygonObject(obj.label, tuple((round(float(x), 2), round(float(y), 2))
+                                                      for x, y in points), obj.deleted))
+    return Annotation(annotation.height, annotation.width, tuple(objects))
+
+
 # --- the dataset ----------------------------------------------------------------------------
 
 
@@ -347,24 +374,30 @@ def _rng(seed: int, split: str, city: str, seq: int) -> np.random.Generator:
 
 def dataset_items(params: SynthesizeParams) -> Iterator[tuple[str, str, int]]:
     """(split, city, seq) of every image, in a fixed order."""
-    for split in layout.SPLITS:
+    for split in layout.IMAGE_SPLITS:
         for city in getattr(params, f"{split}_cities"):
             for seq in range(getattr(params, f"{split}_per_city")):
                 yield split, city, seq
 
 
 def write_item(root: Path, params: SynthesizeParams, split: str, city: str, seq: int) -> None:
-    """Generate and write one image and its polygons (independent of all other items)."""
+    """Generate and write one image and its polygons (independent of all other items): gtFine
+    for train, val and test (test: the void border only, as Cityscapes withholds the rest),
+    gtCoarse for every split that has it when `params.coarse`. The coarse annotation draws
+    from its own generator, so the image and the fine annotation do not depend on it."""
     rng = _rng(params.seed, split, city, seq)
     annotation = make_scene(params.width, params.height, rng, index=seq)
     image = render_image(annotation, rng)
-    if split == "test":
-        annotation = withheld(annotation)
     stem = layout.make_stem(city, seq)
     out = layout.image_path(root, split, stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(out, compress_level=1)
-    write_json(layout.polygons_path(root, split, stem), annotation.to_json())
+    if split in layout.ANNOTATION_SPLITS[layout.FINE]:
+        fine = withheld(annotation) if split == "test" else annotation
+        write_json(layout.polygons_path(root, split, stem), fine.to_json())
+    if params.coarse and split in layout.ANNOTATION_SPLITS[layout.COARSE]:
+        coarse = coarsen(annotation, _rng(params.seed, f"{layout.COARSE}/{split}", city, seq))
+        write_json(layout.polygons_path(root, split, stem, layout.COARSE), coarse.to_json())
 
 
 def synthesize(root: str | Path, params: SynthesizeParams) -> int:

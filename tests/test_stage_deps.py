@@ -80,8 +80,12 @@ def required_units(script: Path) -> set[str]:
     return units
 
 
-def stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+PIPELINES = ("dvc.yaml", "recipes/coarse_to_fine.yaml")
+"""The default pipeline, and the coarse -> fine one `make coarse` activates."""
+
+
+def stages(pipeline: str = "dvc.yaml") -> dict[str, dict]:
+    return yaml.safe_load((ROOT / pipeline).read_text(encoding="utf-8"))["stages"]
 
 
 def script_of(stage: dict) -> Path:
@@ -111,9 +115,9 @@ def problems(name: str, script: Path, declared: set[str]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("name", sorted(stages()))
-def test_each_stage_depends_on_exactly_the_fcn_code_it_imports(name: str) -> None:
-    stage = stages()[name]
+@pytest.mark.parametrize(("pipeline", "name"), [(p, n) for p in PIPELINES for n in sorted(stages(p))])
+def test_each_stage_depends_on_exactly_the_fcn_code_it_imports(pipeline: str, name: str) -> None:
+    stage = stages(pipeline)[name]
     script = script_of(stage)
     assert script.relative_to(ROOT).as_posix() in stage["deps"], f"{name}: its script is no dep"
     assert problems(name, script, declared_units(stage)) == []
@@ -134,6 +138,16 @@ def test_a_missing_or_extra_dependency_is_caught() -> None:
 def test_editing_the_benchmark_reruns_only_the_benchmark_stage() -> None:
     users = sorted(n for n, s in stages().items() if "fcn/benchmark" in declared_units(s))
     assert users == ["benchmark"]
+
+
+def test_the_coarse_pipeline_runs_the_default_pipelines_scripts_with_the_same_code_deps() -> None:
+    """Its stages are the masks and train scripts with other arguments: their code deps are
+    the default stages' (so one edit reruns both pipelines' stages alike)."""
+    default = stages()
+    for name, stage in stages("recipes/coarse_to_fine.yaml").items():
+        twin = {"coarse_masks": "masks"}.get(name, "train")
+        assert script_of(stage) == script_of(default[twin]), name
+        assert declared_units(stage) == declared_units(default[twin]), name
 
 
 def test_the_package_init_holds_only_its_docstring() -> None:

@@ -17,9 +17,12 @@ from fcn.synthetic import synthesize
 
 from helpers.tiny import TINY, with_changes
 
-IMAGE = re.compile(r"leftImg8bit/(train|val|test)/([a-z0-9]+)/\2_\d{6}_\d{6}_leftImg8bit\.png")
+IMAGE = re.compile(
+    r"leftImg8bit/(train|val|test|train_extra)/([a-z0-9]+)/\2_\d{6}_\d{6}_leftImg8bit\.png")
 POLYGONS = re.compile(
     r"gtFine/(train|val|test)/([a-z0-9]+)/\2_\d{6}_\d{6}_gtFine_polygons\.json")
+COARSE_POLYGONS = re.compile(
+    r"gtCoarse/(train|val|train_extra)/([a-z0-9]+)/\2_\d{6}_\d{6}_gtCoarse_polygons\.json")
 
 
 def _files(root: Path) -> list[str]:
@@ -34,13 +37,22 @@ def test_layout_and_names_follow_the_official_scheme(tiny_dataset):
     files = _files(tiny_dataset)
     images = [f for f in files if f.startswith("leftImg8bit/")]
     polygons = [f for f in files if f.startswith("gtFine/")]
-    assert len(images) == len(polygons) == 2 * 3 + 2 + 2
+    coarse = [f for f in files if f.startswith("gtCoarse/")]
+    assert len(files) == len(images) + len(polygons) + len(coarse)
+    assert len(images) == 2 * 3 + 2 + 2 + 2 and len(polygons) == 2 * 3 + 2 + 2
+    assert len(coarse) == 2 * 3 + 2 + 2  # train, val, train_extra: no test, as Cityscapes
     assert all(IMAGE.fullmatch(f) for f in images), images
     assert all(POLYGONS.fullmatch(f) for f in polygons), polygons
-    stems = {f.split("/")[-1].removesuffix("_leftImg8bit.png") for f in images}
-    assert stems == {f.split("/")[-1].removesuffix("_gtFine_polygons.json") for f in polygons}
+    assert all(COARSE_POLYGONS.fullmatch(f) for f in coarse), coarse
+
+    def stems(names: list[str], split: str = "") -> set[str]:
+        return {f.split("/")[-1].split("_gt")[0].removesuffix("_leftImg8bit.png")
+                for f in names if f.split("/")[1].startswith(split)}
+
+    assert stems(polygons) == stems([f for f in images if "/train_extra/" not in f])
+    assert stems(coarse) == stems([f for f in images if "/test/" not in f])
     for split, cities in (("train", TINY.train_cities), ("val", TINY.val_cities),
-                          ("test", TINY.test_cities)):
+                          ("test", TINY.test_cities), ("train_extra", TINY.train_extra_cities)):
         assert sorted(p.name for p in (tiny_dataset / "leftImg8bit" / split).iterdir()) == cities
 
 
@@ -58,7 +70,7 @@ def test_same_seed_byte_identical_other_seed_different(tmp_path, tiny_dataset):
     synthesize(other, with_changes(TINY, seed=TINY.seed + 1))
     a, b = _digest(other), _digest(tiny_dataset)
     assert a.keys() == b.keys()
-    assert all(a[f] != b[f] for f in a if not f.startswith("gtFine/test"))
+    assert all(a[f] != b[f] for f in a if not f.startswith("gtFine/test"))  # test: border only
 
 
 def test_every_annotation_loads_in_cityscapesscripts(tiny_dataset):

@@ -44,25 +44,31 @@ class Item:
     stem: str
     polygons: Path
     image: Path
+    annotation: str = layout.FINE
+    """The annotation set (gtFine, gtCoarse): cityscapesScripts renders both with the same
+    rules (`createTrainIdLabelImgs` globs `*_gt*_polygons.json`)."""
 
 
-def find_annotations(root: str | Path, splits: Sequence[str]) -> list[Item]:
-    """Every polygon annotation of the splits, each checked to have its image."""
+def find_annotations(root: str | Path, splits: Sequence[str],
+                     annotation: str = layout.FINE) -> list[Item]:
+    """Every polygon annotation of the set's splits, each checked to have its image."""
     root = Path(root)
     items = []
     for split in splits:
-        for stem, path in layout.list_annotations(root, split):
+        layout.check_annotation(annotation, split)
+        for stem, path in layout.list_annotations(root, split, annotation):
             image = layout.image_path(root, split, stem)
             if not image.is_file():
                 raise DataError(f"{path}: no matching image {image}")
-            items.append(Item(split, stem, path, image))
+            items.append(Item(split, stem, path, image, annotation))
     return items
 
 
 def check_output_root(root: str | Path, generated: str | Path) -> None:
     """Refuse a generated root that would write into, or replace, the dataset's files."""
     root, generated = Path(root).resolve(), Path(generated).resolve()
-    shipped = (root / "gtFine", root / "leftImg8bit")
+    shipped = (*(root / annotation for annotation in layout.ANNOTATION_SPLITS),
+               root / "leftImg8bit")
     if generated == root or any(generated.is_relative_to(s) for s in shipped):
         raise DataError(f"data.generated ({generated}) lies in the dataset's shipped folders "
                         f"under data.root ({root}): generated masks must not overwrite or mix "
@@ -98,11 +104,13 @@ def _process(task: tuple[Item, Path, Path, tuple[str, ...], int]) -> ImageResult
     item, root, out, encodings, max_pixels = task
     annotation = read_annotation(item.polygons)
     check_size(annotation, item, max_pixels)
-    shipped = {e: layout.mask_path(root, item.split, item.stem, e) for e in ENCODINGS}
+    shipped = {e: layout.mask_path(root, item.split, item.stem, e, item.annotation)
+               for e in ENCODINGS}
     shipped = {e: p for e, p in shipped.items() if p.is_file()}
     needed = [e for e in ENCODINGS if e in encodings or e in shipped]
     masks = render(annotation, needed, source=str(item.polygons))
-    write_masks(masks, {e: layout.mask_path(out, item.split, item.stem, e) for e in encodings},
+    write_masks(masks, {e: layout.mask_path(out, item.split, item.stem, e, item.annotation)
+                        for e in encodings},
                 atomic=False)  # `out` is atomic_dir's private folder, swapped in when complete
     differing = {e: int(difference(masks[e], read_shipped(p, e, max_pixels), p).sum())
                  for e, p in shipped.items()}
@@ -143,8 +151,9 @@ def render_all(items: Sequence[Item], root: str | Path, out: str | Path,
 
 def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
              splits: Sequence[str], workers: int,
-             max_pixels: int = MAX_PIXELS) -> list[ImageResult]:
-    """Write the masks of every annotation of `splits` under `generated`, replacing it whole.
+             max_pixels: int = MAX_PIXELS, annotation: str = layout.FINE) -> list[ImageResult]:
+    """Write the masks of every annotation of the set's `splits` under `generated`
+    (`<generated>/<set>/…`), replacing it whole.
 
     The masks are written to a temporary folder beside `generated` and swapped in only once
     all are done (fcn.atomic.atomic_dir); on any error (an annotation above `max_pixels`
@@ -158,7 +167,7 @@ def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
             raise DataError(f"{generated}: holds {foreign}, which the masks stage did not "
                             "write; refusing to replace the folder (choose another data.generated "
                             "or remove it)")
-    items = find_annotations(root, splits)
+    items = find_annotations(root, splits, annotation)
     start = time.perf_counter()
     with atomic_dir(generated) as out:
         results = render_all(items, root, out, encodings, workers, max_pixels)
@@ -169,7 +178,8 @@ def generate(root: str | Path, generated: str | Path, encodings: Sequence[str],
 
 
 def agreement_figure(path: str | Path, root: str | Path, results: Sequence[ImageResult],
-                     count: int, max_pixels: int = MAX_PIXELS) -> bool:
+                     count: int, max_pixels: int = MAX_PIXELS,
+                     annotation: str = layout.FINE) -> bool:
     """Draw provided | generated | difference for the `count` least agreeing images.
 
     Returns False (and writes nothing) when no image has shipped masks or count is 0.
@@ -180,8 +190,9 @@ def agreement_figure(path: str | Path, root: str | Path, results: Sequence[Image
     root = Path(root)
     rows = []
     for r in chosen:
-        polygons = layout.polygons_path(root, r.split, r.stem)
-        shipped = {e: layout.mask_path(root, r.split, r.stem, e) for e in r.differing}
+        polygons = layout.polygons_path(root, r.split, r.stem, annotation)
+        shipped = {e: layout.mask_path(root, r.split, r.stem, e, annotation)
+                   for e in r.differing}
         masks = render(read_annotation(polygons), list(shipped), source=str(polygons))
         provided = {e: read_shipped(p, e, max_pixels) for e, p in shipped.items()}
         display = next(e for e in ("color", "labelIds", "instanceIds", "labelTrainIds")
@@ -195,26 +206,27 @@ def agreement_figure(path: str | Path, root: str | Path, results: Sequence[Image
 def masks_stage(root: str | Path, generated: str | Path, encodings: Sequence[str],
                 splits: Sequence[str], workers: int, worst: int, figure_images: int,
                 metrics: str | Path, plots: str | Path,
-                max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """The masks stage: generate every mask, then write the agreement report.
+                max_pixels: int = MAX_PIXELS, annotation: str = layout.FINE) -> dict[str, Any]:
+    """The masks stage (gtFine) or the coarse pipeline's coarse_masks stage (gtCoarse):
+    generate every mask of the annotation set's `splits`, then write the agreement report.
 
     Outputs: the masks under `generated`; `metrics` (counts and agreement per shipped encoding);
     under `plots`, agreement.csv (per image), worst.json (the `worst` least agreeing images)
     and agreement.png (`figure_images` of them; removed when there is nothing to compare, so
     no stale figure of another run stays). Returns the metrics.
     """
-    results = generate(root, generated, encodings, splits, workers, max_pixels)
+    results = generate(root, generated, encodings, splits, workers, max_pixels, annotation)
     report = summarize(results, encodings)
     plots = Path(plots)
     write_table(plots / "agreement.csv", results)
     write_json(plots / "worst.json", worst_report(results, worst))
     figure_path = plots / "agreement.png"
-    if not agreement_figure(figure_path, root, results, figure_images, max_pixels):
+    if not agreement_figure(figure_path, root, results, figure_images, max_pixels, annotation):
         figure_path.unlink(missing_ok=True)
     write_json(metrics, report)
     if report["agreement"] is None:
         log.info("no shipped masks (*%s) next to the polygons under %s: nothing to compare with",
-                 "|".join(layout.mask_suffix(e) for e in ENCODINGS), root)
+                 "|".join(layout.mask_suffix(e, annotation) for e in ENCODINGS), root)
     else:
         log.info("agreement with shipped masks: %s", ", ".join(
             f"{e} {a['overall']:.6f}" for e, a in report["agreement"].items()))

@@ -29,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from fcn.errors import DataError
 from fcn.images import MAX_PIXELS
 from fcn import decode as cache
+from fcn.cityscapes import layout
 from fcn.cityscapes.labels import IGNORE_INDEX
 from fcn.train import sampling
 from fcn.train.augment import Recipe, Region, crop, crop_pair, draw
@@ -54,25 +55,39 @@ def read_region(array: np.ndarray, top: int, left: int, height: int,
 
 
 class SegmentationDataset(Dataset):
-    """The pairs of one split or several (one after the other, e.g. train then val for
-    train+val training).
+    """The pairs of one training source or several (one after the other, e.g. train then val
+    for train+val training, or gtCoarse/train then gtCoarse/train_extra).
 
+    A source is a split (gtFine: masks under `generated`) or `<set>/<split>` (`gtCoarse/…`:
+    masks under `generated_coarse`, the coarse_masks stage's folder); `layout.parse_source`.
     Without a `recipe`, item `i` is the whole image and mask (uint8). With one, items are
     indexed by `(index, seed)` tuples as `SeededSampler` yields them (an int draws from the
     global generator): a crop drawn under that seed, plus its jitter vector if jitter is on.
-    `decoded`: the decode stage's folder, read instead of the PNGs.
+    `decoded`: the decode stage's folder (gtFine train and val), read instead of the PNGs.
     """
 
     def __init__(self, root: str | Path, generated: str | Path, split: str | Sequence[str],
                  recipe: Recipe | None = None, decoded: str | Path | None = None,
-                 max_pixels: int = MAX_PIXELS) -> None:
+                 max_pixels: int = MAX_PIXELS,
+                 generated_coarse: str | Path | None = None) -> None:
         self.splits = (split,) if isinstance(split, str) else tuple(split)
         self.recipe = recipe
         self.max_pixels = max_pixels
         self.pairs: list[Pair] = []
         self.arrays: list[tuple[Path, Path]] = []
-        for s in self.splits:
-            pairs = find_pairs(root, generated, s, max_pixels)
+        for source in self.splits:
+            s, annotation = layout.parse_source(source)
+            masks = generated
+            if annotation != layout.FINE:
+                if generated_coarse is None:
+                    raise DataError(f"{source}: {annotation} masks are the coarse pipeline's "
+                                    "(coarse.generated): train on them there, through "
+                                    "coarse.pretrain_splits or coarse.finetune_splits")
+                if decoded is not None:
+                    raise DataError(f"{decoded}: the decode stage's cache holds gtFine only, "
+                                    f"not {source}; read it from PNGs (no decoded cache)")
+                masks = generated_coarse
+            pairs = find_pairs(root, masks, s, max_pixels, annotation)
             self.pairs += pairs
             if decoded is not None:
                 sizes = cache.check_covers(decoded, s, [p.stem for p in pairs])

@@ -41,6 +41,7 @@ from fcn.errors import DataError, FcnError
 from fcn.class_weights import read_class_weights
 from fcn.train.loop import (NonFiniteLossError, PassResult, build_criterion, build_optimizer,
                         build_scheduler, train_one_epoch, validate)
+from fcn.cityscapes import layout
 from fcn.cityscapes.labels import CLASS_NAMES, NUM_CLASSES
 from fcn.metrics import class_scores, summary
 from fcn.model import build_model
@@ -61,13 +62,21 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loaders(root: str | Path, generated: str | Path, t: TrainParams, context: Context,
-                 decoded: str | Path | None = None,
-                 max_pixels: int = MAX_PIXELS) -> tuple[DataLoader, DataLoader]:
+                 decoded: str | Path | None = None, max_pixels: int = MAX_PIXELS,
+                 generated_coarse: str | Path | None = None) -> tuple[DataLoader, DataLoader]:
     """The train loader (seeded crops, uint8, `train.workers` processes, pinned and prefetched
-    for CUDA) and the val loader (whole uint8 images, sharded over ranks)."""
+    for CUDA) and the val loader (whole uint8 images of gtFine val, sharded over ranks).
+    The decoded cache holds gtFine alone: a training that reads a gtCoarse source reads its
+    training images from PNGs (the same samples), and val from the cache."""
     recipe = Recipe.of(t.crop, t.scale, t.flip, t.jitter, t.class_uniform, t.cat_max_ratio,
                        t.cat_max_tries)
-    train_set = SegmentationDataset(root, generated, t.splits, recipe, decoded, max_pixels)
+    coarse = [s for s in t.splits if layout.parse_source(s)[1] != layout.FINE]
+    train_decoded = None if coarse else decoded
+    if coarse and decoded is not None:
+        log.info("%s: not in the decoded cache (gtFine only); training reads PNG files",
+                 ", ".join(coarse))
+    train_set = SegmentationDataset(root, generated, t.splits, recipe, train_decoded,
+                                    max_pixels, generated_coarse)
     val_set = SegmentationDataset(root, generated, "val", None, decoded, max_pixels)
     workers = worker_count(t.workers, context.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     log.info("data: %s, %d loader worker(s)%s", f"decoded cache {decoded}" if decoded
@@ -200,7 +209,8 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
         live_dir: str | Path | None = "metrics/train",
         identity: Mapping[str, Mapping[str, Any]] | None = None,
         class_weights_file: str | Path | None = None, decoded: str | Path | None = None,
-        max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+        max_pixels: int = MAX_PIXELS,
+        generated_coarse: str | Path | None = None) -> dict[str, Any]:
     """Train as `model`/`train` say on the images under `root` and the masks under
     `generated`; returns the last epoch's record. Checkpoints go to the run's state folder
     (`<train.resume_dir>/<hash>/`), which a killed run resumes from; when the run ends, best.pt
@@ -209,6 +219,7 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
     checkpoint of other data is not resumed; `class_weights_file`: the class_weights stage's
     output, read when train.class_weights names a scheme; `decoded`: the decode stage's cache,
     read instead of the PNGs (the same samples either way); `max_pixels`: data.max_pixels;
+    `generated_coarse`: the coarse_masks stage's folder, for gtCoarse sources in train.splits;
     `live_dir`: the scores' DVCLive folder (its wall-clock figures go to `<live_dir>_timing`);
     None: no DVCLive log (checkpoints only).
 
@@ -240,12 +251,12 @@ def fit(model: ModelParams, train: TrainParams, root: str | Path, generated: str
             if not context.is_main:
                 return _fit(model, train, Path(root), Path(generated), hashed, context,
                             directory, Path(train.out), live, weights, decoded, max_pixels,
-                            init_weights)
+                            init_weights, generated_coarse)
             with resume.locked(directory, hashed):
                 log.info("training state: %s", directory)
                 return _fit(model, train, Path(root), Path(generated), hashed, context,
                             directory, Path(train.out), live, weights, decoded, max_pixels,
-                            init_weights)
+                            init_weights, generated_coarse)
     finally:
         teardown(context)
 
@@ -279,15 +290,17 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
          hashed: Mapping[str, Any], context: Context, directory: Path | None, out: Path,
          live_dir: Path | None, class_weights: list[float] | None,
          decoded: str | Path | None, max_pixels: int,
-         init_weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
+         init_weights: Mapping[str, Any] | None = None,
+         generated_coarse: str | Path | None = None) -> dict[str, Any]:
     device = context.device
     compute = flags(device, t.precision)
     if device.type == "cpu" and t.precision != "fp32":
         log.info("train.precision %s applies on CUDA only: training on CPU in fp32",
                  t.precision)
     log.info("compute: %s", ", ".join(f"{k} {v}" for k, v in compute.items()))
-    train_loader, val_loader = make_loaders(root, generated, t, context, decoded, max_pixels)
-    trains_on_val = "val" in t.splits
+    train_loader, val_loader = make_loaders(root, generated, t, context, decoded, max_pixels,
+                                            generated_coarse)
+    trains_on_val = any(layout.parse_source(s)[0] == "val" for s in t.splits)  # any set's
     if trains_on_val:
         log.warning("train.splits includes val: validation then scores images the model "
                     "trains on (a fit measure, not generalisation), so best.pt is simply the "

@@ -41,12 +41,14 @@ class Pair:
 
 
 def find_pairs(root: str | Path, generated: str | Path, split: str,
-               max_pixels: int = MAX_PIXELS) -> list[Pair]:
-    """Every image of `split` with its mask, sorted by path; each pair checked for presence
-    and size, so a bad dataset fails here, before training, naming both files."""
+               max_pixels: int = MAX_PIXELS, annotation: str = layout.FINE) -> list[Pair]:
+    """Every image of `split` with its mask of the annotation set, sorted by path; each pair
+    checked for presence and size, so a bad dataset fails here, before training, naming both
+    files."""
     pairs = []
     for image in layout.list_images(root, split):
-        mask = layout.mask_path(generated, split, layout.stem_of(image), MASK_ENCODING)
+        mask = layout.mask_path(generated, split, layout.stem_of(image), MASK_ENCODING,
+                                annotation)
         if not mask.is_file():
             raise DataError(f"{mask}: mask missing for image {image} (run the masks stage)")
         for path, what in ((image, "image"), (mask, "mask")):  # the decoder is PNG-only

@@ -24,11 +24,13 @@ import signal
 import subprocess
 import sys
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -442,3 +444,94 @@ def test_plots_show_writes_curves_class_iou_confusion_and_samples(
         needed.append("evaluate")
     if needed:
         pytest.skip(f"stage(s) not in dvc.yaml yet: {', '.join(needed)}")
+
+
+COARSE_STAGES = ("coarse_masks", "coarse_pretrain", "coarse_finetune")
+COARSE_OUTPUTS = ("models_coarse", "models_finetune", "metrics/coarse/pretrain/metrics.json",
+                  "metrics/coarse/pretrain/plots", "metrics/coarse/finetune/metrics.json",
+                  "metrics/coarse/finetune/plots", "data/generated_coarse",
+                  "metrics/coarse/masks.json")
+
+
+def _make_coarse(repo: Path) -> subprocess.Popen:
+    """`make coarse` in the copy, with this interpreter's venv (already installed: -o)."""
+    venv = Path(sys.executable).parent.parent
+    return subprocess.Popen(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "coarse"],
+                            cwd=repo, env=environment(repo), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _train_stage(parent: int, timeout: float = 60) -> psutil.Process:
+    """The train stage's python process among `parent`'s descendants, once it has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(parent).children(recursive=True):
+            try:
+                if {"stages/train.py", "--phase"} <= set(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.01)
+    raise AssertionError(f"no train stage under process {parent} within {timeout} s")
+
+
+def _digests(repo: Path) -> dict[str, str]:
+    return {f"{path}/{name}".rstrip("/"): digest for path in COARSE_OUTPUTS
+            for name, digest in _file_digests(repo / path).items()}
+
+
+def test_coarse_to_fine_runs_in_one_command_and_a_killed_run_resumes_bit_identical(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    """Issue 22: `make coarse` activates the coarse pipeline and reproduces it (the default
+    pipeline's outputs are reused, not rerun); its pre-training, SIGKILLed after epoch 1 with
+    make and DVC, resumes on the next `make coarse` and fine-tuning starts from its last.pt;
+    every output then equals an uninterrupted rerun's, byte for byte; `dvc plots show` draws
+    both phases' curves. The default pipeline's `dvc status` is untouched until then."""
+    _skip_if_missing(pipeline.repo, *PIPELINE)
+    repo = tmp_path / "project"
+    shutil.copytree(pipeline.repo, repo, symlinks=True)
+    assert not (repo / "pipelines").exists()
+    set_param(repo, "coarse.pretrain_epochs", EPOCHS)
+    set_param(repo, "coarse.finetune_epochs", EPOCHS)
+    commit_all(repo, "coarse -> fine, tiny")
+
+    process = _make_coarse(repo)
+    lines, training = [], None
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+        if "Running stage 'pipelines/coarse/dvc.yaml:coarse_pretrain'" in line:
+            training = _train_stage(process.pid)  # found before it logs, killed at once after
+        if training is not None and f"epoch 1/{EPOCHS}" in line:
+            training.kill()  # the training alone, as an out-of-memory kill would
+            break
+    killed = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode != 0 and "failed to reproduce" in killed, killed[-3000:]
+    assert {n.split(":")[-1] for n in ran_stages(killed)} == {"coarse_masks", "coarse_pretrain"}
+    assert not (repo / "models_coarse").exists()
+
+    again = _make_coarse(repo)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output[-3000:]
+    ran = {name.split(":")[-1] for name in ran_stages(output)}
+    assert ran == {"coarse_pretrain", "coarse_finetune"}, output[-3000:]  # masks were done
+    assert f"after epoch 1 of {EPOCHS}" in output, output[-3000:]
+    assert re.search(r"train\.init: \d+ tensors loaded from models_coarse/last\.pt; 0 left as "
+                     r"built; 0 of the checkpoint's unused", output), output[-3000:]
+    masks = json.loads((repo / "metrics/coarse/masks.json").read_text())
+    assert masks["per_split"] == {"train": 6, "train_extra": 2, "val": 2}
+    resumed = _digests(repo)
+
+    for stage in COARSE_STAGES[1:]:  # uninterrupted, from scratch (DVC deletes the outputs)
+        forced = dvc(repo, "repro", "--force", "--single-item",
+                     f"pipelines/coarse/dvc.yaml:{stage}")
+        assert {name.split(":")[-1] for name in ran_stages(forced.output)} == {stage}
+    assert _digests(repo) == resumed
+
+    shown = json.loads(dvc(repo, "plots", "show", "--json", "pipelines/coarse/dvc.yaml").stdout)
+    curve = shown["data"]["Coarse -> fine, val mIoU"][0]["content"]["data"]["values"]
+    steps = sorted((row["filename"].split("/")[0], row["step"]) for row in curve)
+    assert steps == [(phase, str(step)) for phase in ("finetune", "pretrain")
+                     for step in range(EPOCHS)], steps
+    # the default pipeline is untouched by all this
+    assert ran_stages(dvc(repo, "repro").output) == set()

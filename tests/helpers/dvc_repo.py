@@ -32,7 +32,8 @@ PIPELINE = ("synthesize", "masks", "class_weights", "decode", "train", "evaluate
 TINY_PARAMS: dict[str, dict[str, Any]] = {
     "synthesize": {"height": 64, "width": 128, "train_cities": ["aachen", "bochum"],
                    "val_cities": ["frankfurt"], "test_cities": ["berlin"],
-                   "train_per_city": 3, "val_per_city": 2, "test_per_city": 2},
+                   "train_per_city": 3, "val_per_city": 2, "test_per_city": 2,
+                   "train_extra_cities": ["erlangen"], "train_extra_per_city": 2},
     "masks": {"workers": 1, "worst": 2, "figure_images": 1},
     "train": {"epochs": 1, "batch_size": 2, "crop": [64, 64], "workers": 0, "nproc": 1,
               "device": "cpu"},

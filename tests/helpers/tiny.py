@@ -11,6 +11,7 @@ TINY = SynthesizeParams(
     seed=7, height=64, width=128,
     train_cities=["aachen", "bochum"], val_cities=["frankfurt"], test_cities=["berlin"],
     train_per_city=3, val_per_city=2, test_per_city=2,
+    train_extra_cities=["erlangen"], train_extra_per_city=2,
 )
 
 TWO_PROCESS_EPOCHS = 2

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from fcn.benchmark.run import run_benchmark
-from fcn.benchmark.worker import START_METHODS
+from fcn.benchmark.worker import START_METHODS, worker_context
 from fcn.params import BenchmarkParams, ModelParams
 
 TINY = BenchmarkParams(profile="quick", device="cpu", height=64, width=128, precisions=["fp32"],
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for method in START_METHODS:
         print(f"  {method:10s} {best[method]:7.2f} s  "
               f"({best[method] / configs:.2f} s per configuration)")
+    if worker_context("forkserver").get_start_method() != "forkserver":
+        print("note: the forkserver could not start here (see the warning): both rows are spawn")
     print(f"forkserver / spawn: {best['forkserver'] / best['spawn']:.2f}x the time "
           f"({best['spawn'] - best['forkserver']:.2f} s saved)")
     for name in latency["spawn"]:

@@ -373,3 +373,24 @@ def test_cuda_run_reports_allocator_peaks_and_tf32_flags():
         assert entry["peak_rss_growth_mb"] is None
         assert entry["tf32_matmul"] == (entry["precision"] == "tf32")
     assert results["configs"]["fp32-nchw-eager-b1"]["status"] == "ok"
+
+
+def test_workers_fork_from_a_server_or_spawn_when_it_cannot_start(monkeypatch, caplog):
+    """The forkserver by default; where its Unix socket cannot be bound (a TMPDIR path over
+    107 bytes), spawn, with a warning saying why."""
+    from multiprocessing import forkserver
+
+    from fcn.benchmark import worker
+
+    assert worker.worker_context().get_start_method() == "forkserver"
+    assert worker.worker_context("spawn").get_start_method() == "spawn"
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        worker.worker_context("fork")
+
+    def unbindable() -> None:
+        raise OSError("AF_UNIX path too long")
+
+    monkeypatch.setattr(forkserver, "ensure_running", unbindable)
+    with caplog.at_level("WARNING", logger="fcn.benchmark.worker"):
+        assert worker.worker_context().get_start_method() == "spawn"
+    assert "no forkserver for the benchmark workers (AF_UNIX path too long" in caplog.text

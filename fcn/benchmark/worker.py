@@ -38,13 +38,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import logging
 import multiprocessing
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,8 @@ from fcn.device import (DTYPES, autocast, empty_cache, event_times, indexed, pea
 from fcn.model import FCN8s
 from fcn.params import ModelParams
 from fcn.predict.predictor import slide_logits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,12 @@ def worker_context(start_method: str = "forkserver") -> multiprocessing.context.
     context = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         context.set_forkserver_preload([__name__])  # no effect once the server runs
+        try:
+            forkserver.ensure_running()
+        except OSError as exc:  # its Unix socket lives in $TMPDIR: a path over 107 bytes fails
+            log.warning("no forkserver for the benchmark workers (%s, TMPDIR %s): each starts "
+                        "with spawn instead", exc, tempfile.gettempdir())
+            return multiprocessing.get_context("spawn")
     return context
 
 

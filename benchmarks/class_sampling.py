@@ -41,7 +41,8 @@ from fcn.train.sampling import crop_frequency
 DEFAULT_OUT = Path("docs/measured/class_sampling.json")
 SMOKE_DATA = SynthesizeParams(seed=7, height=64, width=128, train_cities=["aachen"],
                               val_cities=["frankfurt"], test_cities=["berlin"],
-                              train_per_city=4, val_per_city=1, test_per_city=1)
+                              train_per_city=4, val_per_city=1, test_per_city=1,
+                              train_extra_cities=[])
 
 
 class TodaysSeeding(SegmentationDataset):

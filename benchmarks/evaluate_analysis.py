@@ -53,7 +53,8 @@ def dataset(folder: Path, images: int, height: int, width: int) -> tuple[Path, P
     synthesize(root, SynthesizeParams(seed=0, height=height, width=width,
                                       train_cities=["aachen"], val_cities=["frankfurt"],
                                       test_cities=["berlin"], train_per_city=1,
-                                      val_per_city=images, test_per_city=1))
+                                      val_per_city=images, test_per_city=1,
+                                      train_extra_cities=[]))
     generate(root, generated, ENCODINGS, ["val"], workers=1)
     return root, generated
 

@@ -46,7 +46,8 @@ MMSEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 DEFAULT_OUT = Path("docs/measured/inference_modes.json")
 SMOKE_DATA = SynthesizeParams(seed=0, height=64, width=128, train_cities=["aachen"],
                               val_cities=["frankfurt"], test_cities=["berlin"],
-                              train_per_city=1, val_per_city=2, test_per_city=1)
+                              train_per_city=1, val_per_city=2, test_per_city=1,
+                              train_extra_cities=[])
 
 
 def random_checkpoint(path: Path, params: ModelParams, seed: int) -> Path:

@@ -78,7 +78,8 @@ def make_data(folder: Path, images: int, height: int = 1024, width: int = 2048
         synthesize(root, SynthesizeParams(seed=3, height=height, width=width,
                                           train_cities=["aachen"], val_cities=["frankfurt"],
                                           test_cities=["berlin"], train_per_city=images,
-                                          val_per_city=1, test_per_city=1))
+                                          val_per_city=1, test_per_city=1,
+                                          train_extra_cities=[]))
         generate(root, generated, ["labelTrainIds"], ["train", "val"], workers=1)
         decode_stage(root, generated, decoded, True, workers=1)
     return root, generated, decoded

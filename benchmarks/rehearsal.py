@@ -70,6 +70,7 @@ SMOKE_ARGS = """\
 -S synthesize.train_per_city=2
 -S synthesize.val_per_city=1
 -S synthesize.test_per_city=1
+-S synthesize.train_extra_cities=[]
 -S masks.workers=1
 -S masks.worst=1
 -S masks.figure_images=1

@@ -69,7 +69,7 @@ def test_the_rehearsal_runs_every_stage_at_full_resolution_on_a_few_images():
 def test_the_recipe_trains_two_iterations_at_full_resolution(tmp_path):
     data = SynthesizeParams(seed=5, height=1024, width=2048, train_cities=["aachen"],
                             val_cities=["frankfurt"], test_cities=["berlin"], train_per_city=2,
-                            val_per_city=1, test_per_city=1)
+                            val_per_city=1, test_per_city=1, train_extra_cities=[])
     root, generated = tmp_path / "cityscapes", tmp_path / "generated"
     synthesize(root, data)
     write_masks(root, generated)

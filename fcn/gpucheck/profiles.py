@@ -79,7 +79,8 @@ def dry_sizes() -> Sizes:
     """Tiny sizes for a CPU: the dry run of both profiles in a few minutes on two cores."""
     small = SynthesizeParams(seed=7, height=64, width=128, train_cities=["aachen", "bochum"],
                              val_cities=["frankfurt"], test_cities=["berlin"],
-                             train_per_city=3, val_per_city=2, test_per_city=1)
+                             train_per_city=3, val_per_city=2, test_per_city=1,
+                             train_extra_cities=[])
     large = dataclasses.replace(small, seed=11, train_cities=["aachen"], train_per_city=4)
     overfit = dataclasses.replace(small, seed=3, train_cities=["aachen"], train_per_city=1,
                                   val_per_city=1)
@@ -99,10 +100,12 @@ def cuda_sizes() -> Sizes:
     """The GPU run's sizes: 1024x2048 where the size is the point, small elsewhere."""
     small = SynthesizeParams(seed=7, height=256, width=512, train_cities=["aachen", "bochum"],
                              val_cities=["frankfurt"], test_cities=["berlin"],
-                             train_per_city=4, val_per_city=4, test_per_city=1)
+                             train_per_city=4, val_per_city=4, test_per_city=1,
+                             train_extra_cities=[])
     large = SynthesizeParams(seed=11, height=1024, width=2048, train_cities=["aachen"],
                              val_cities=["frankfurt"], test_cities=["berlin"],
-                             train_per_city=48, val_per_city=2, test_per_city=1)
+                             train_per_city=48, val_per_city=2, test_per_city=1,
+                             train_extra_cities=[])
     overfit = dataclasses.replace(small, seed=3, train_cities=["aachen"], train_per_city=2,
                                   val_per_city=1)
     bench = BenchmarkParams(profile="full", device="cuda", channels_last=[True],

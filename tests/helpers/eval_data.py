@@ -148,7 +148,8 @@ def assert_agrees(ours, theirs: dict, tol: float = 1e-9) -> None:
 
 EVAL_SET = SynthesizeParams(seed=11, height=64, width=128, train_cities=["aachen", "bochum"],
                             val_cities=["frankfurt", "lindau"], test_cities=["berlin", "bonn"],
-                            train_per_city=3, val_per_city=3, test_per_city=2)
+                            train_per_city=3, val_per_city=3, test_per_city=2,
+                            train_extra_cities=[])
 _CACHE: dict[str, object] = {}
 
 

@@ -64,6 +64,26 @@ def test_flop_counter_matches_analytic_count(backbone, fc67, height, width):
     assert counted == pytest.approx(analytic.flops, rel=0.01)
 
 
+def test_each_arch_costs_what_its_head_adds_and_both_counts_agree_exactly():
+    """FCN-32s/16s/8s share the backbone (~632 GFLOPs at 1024x2048 for VGG11-BN); each skip
+    adds a 1x1 score layer, an upsampling and an add; the analytic count equals
+    FlopCounterMode's to the FLOP for each arch, at an unpadded and a padded size."""
+    for height, width in ((1000, 1999), (1024, 2048)):  # the counts of the last size stay
+        counts = {}
+        for arch in ("fcn32s", "fcn16s", "fcn8s"):
+            analytic = analytic_flops(_meta_model(arch=arch), height, width)
+            assert counted_flops(ModelParams(arch=arch), height, width) == analytic.flops, arch
+            counts[arch] = analytic
+    ph, pw = 1024, 2048  # the differences, from the layer shapes: pool4 is 512 channels at /16
+    assert counts["fcn16s"].conv_macs - counts["fcn32s"].conv_macs == 19 * 512 * 64 * 128
+    assert counts["fcn8s"].conv_macs - counts["fcn16s"].conv_macs == 19 * 256 * 128 * 256
+    # transposed: 32s one x32 (k=64) on the /32 map; 16s x2 (k=4) + x16 (k=32); 8s + x2 + x8
+    assert counts["fcn32s"].transposed_macs == 19 * 19 * 64 * 64 * (ph // 32) * (pw // 32)
+    assert counts["fcn16s"].transposed_macs == 19 * 19 * (4 * 4 * (ph // 32) * (pw // 32)
+                                                          + 32 * 32 * (ph // 16) * (pw // 16))
+    assert counts["fcn8s"].flops == pytest.approx(632.4e9, rel=1e-3)
+
+
 def test_flops_scale_with_batch():
     one = counted_flops(ModelParams(), 64, 128)
     assert counted_flops(ModelParams(), 64, 128, batch_size=3) == 3 * one
@@ -199,9 +219,13 @@ def test_metrics_hold_the_headline_numbers_of_the_measured_configurations(result
             yield path, value
     texts = [p for p, v in leaves(metrics) if isinstance(v, str)]
     assert texts == [(k, "config") for k in ("reference", "fast_path", "fast_path_eager",
-                                             "slide", "onnxruntime")]
+                                             "slide", "onnxruntime", "onnxruntime_int8")]
     slide, ort = configs[metrics["slide"]["config"]], configs[metrics["onnxruntime"]["config"]]
     assert slide["mode"] == "slide" and ort["runtime"] == "onnxruntime"
+    assert ort["precision"] == "fp32"
+    int8 = configs[metrics["onnxruntime_int8"]["config"]]
+    assert int8["runtime"] == "onnxruntime" and int8["precision"] == "int8"
+    assert metrics["int8_speedup"] == ort["latency_ms_median"] / int8["latency_ms_median"]
     whole = configs[slide["name"].replace("-slide", "")]
     assert metrics["slide_over_whole_memory"] == slide["peak_memory_mb"] / whole["peak_memory_mb"]
 
@@ -209,12 +233,26 @@ def test_metrics_hold_the_headline_numbers_of_the_measured_configurations(result
 def test_slide_and_onnxruntime_are_measured_but_never_the_fast_path(results):
     configs = results["configs"]
     slide, ort = configs["fp32-cl-eager-slide-b1"], configs["onnxruntime-fp32-b1"]
-    assert slide["status"] == ort["status"] == "ok"
-    # the same weights: onnxruntime predicts what PyTorch does; slide mode sees less context
-    assert ort["agreement"] >= 0.999
-    # slide mode does the work of every window: FLOPs per image count them all
+    int8 = configs["onnxruntime-int8-b1"]
+    assert slide["status"] == ort["status"] == int8["status"] == "ok"
+    # the same weights: onnxruntime predicts what PyTorch does; slide mode sees less context;
+    # int8 (calibrated on other scenes) mostly does
+    assert ort["agreement"] >= 0.999 and 0.8 < int8["agreement"] < 1
+    # slide mode does the work of every window: FLOPs per image count them all; int8 the
+    # model's (its multiply-adds are the same, in 8 bits)
     assert slide["flops_per_image"] > configs["fp32-cl-eager-b1"]["flops_per_image"]
-    assert results["fast_path"]["name"] not in (slide["name"], ort["name"])
+    assert int8["flops_per_image"] == ort["flops_per_image"] == results["model"]["flops_counted"]
+    assert results["fast_path"]["name"] not in (slide["name"], ort["name"], int8["name"])
+
+
+def test_int8_is_measured_on_cpus_only_with_a_reason():
+    assert precision_support(torch.device("cpu"), "int8") is None
+    reason = precision_support(torch.device("cuda"), "int8")
+    assert reason.startswith("int8 is the deploy stage's model for CPUs")
+    assert Config("int8", False, False, 1, runtime="onnxruntime").name == "onnxruntime-int8-b1"
+    assert Config("int8", False, False, 1, runtime="onnxruntime").host_precision == "fp32"
+    assert [c.name for c in plan(dataclasses.replace(TINY, int8=False))[1]
+            if c.precision == "int8"] == []
 
 
 def test_fp32_runs_and_tf32_is_skipped_on_cpu(results):
@@ -252,12 +290,22 @@ def test_failing_configuration_is_skipped_with_the_error(monkeypatch):
     def broken(job, start_method):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    def unquantisable(fp32_onnx, out, seed, height, width):
+        raise RuntimeError("calibration ran out of memory\nsecond line")
+
+    import fcn.deploy
+
     monkeypatch.setattr(bench, "run_isolated", broken)
+    monkeypatch.setattr(bench, "quantize_for_benchmark", unquantisable)
+    monkeypatch.setattr(fcn.deploy, "export_onnx", lambda model, path, opset: None)
     params = dataclasses.replace(TINY, precisions=["fp32"], channels_last=[True])
     results = run_benchmark(params, ModelParams(), progress=False)
     entry = results["configs"]["fp32-cl-eager-b1"]
     assert entry["status"] == "skipped" and "out of memory" in entry["reason"]
     assert results["fast_path"] is None
+    int8 = results["configs"]["onnxruntime-int8-b1"]  # its quantisation failed: it alone
+    assert int8["status"] == "skipped" and int8["reason"] == (
+        "failed: quantisation: RuntimeError: calibration ran out of memory")
 
 
 def _entry(name: str, ips: float, agreement: float | None, status: str = "ok",

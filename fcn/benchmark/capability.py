@@ -93,7 +93,8 @@ def runtime_support(device: torch.device, runtime: str) -> str | None:
 
 
 def precision_support(device: torch.device, precision: str) -> str | None:
-    """None when `device` runs `precision` natively, else the reason it is skipped.
+    """None when `device` runs `precision` natively, else the reason it is skipped (`int8`:
+    the onnxruntime configuration, measured on CPUs only).
 
     CPU low precision is decided by oneDNN's own capability check (bf16 needs AVX512-BF16 or
     AMX, fp16 AVX512-FP16 or AMX-FP16): without them PyTorch falls back to reference kernels
@@ -101,6 +102,11 @@ def precision_support(device: torch.device, precision: str) -> str | None:
     """
     if precision == "fp32":
         return None
+    if precision == "int8":  # onnxruntime's QDQ model (fcn.quantize), for CPUs
+        return None if device.type == "cpu" else (
+            "int8 is the deploy stage's model for CPUs: onnxruntime's CUDA provider has no "
+            "int8 convolutions and would run fp32 ones between quantise/dequantise steps "
+            "(TensorRT builds its own int8 engine from the QDQ file)")
     if device.type == "cuda":
         major, minor = capability(device)
         name = device_name(device)

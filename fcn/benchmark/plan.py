@@ -9,7 +9,10 @@ allocator state or crash cannot colour another's figures.
 A configuration is precision × channels-last × torch.compile × batch size. Precisions: `fp32`
 is strict fp32 (TF32 off) and is the reference for agreement; `tf32` is fp32 storage with TF32
 tensor-core math (CUDA ≥ sm80); `bf16`/`fp16` run under autocast, as
-`fcn.predict.predictor.Predictor` runs them.
+`fcn.predict.predictor.Predictor` runs them. With `runtime` onnxruntime, `fp32` is the ONNX
+export of the same weights and `int8` that export quantised by `fcn.quantize` (the deploy
+stage's `model_int8.onnx`; CPU only): it takes and returns fp32 tensors, so the PyTorch side
+of its measurement (math mode, autocast, the matmul rate beside it) is fp32's.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ class Config:
     mode: str = "whole"
     """whole images, or sliding windows (fcn.predict.predictor.slide_logits)"""
     runtime: str = "torch"
-    """torch, or onnxruntime running the ONNX export of the same weights"""
+    """torch, or onnxruntime running the ONNX export of the same weights (precision fp32, or
+    int8: quantised)"""
+
+    @property
+    def host_precision(self) -> str:
+        """The PyTorch precision around the timed call: the math mode, autocast and matmul
+        probe of the worker (fp32 for the int8 model, whose inputs and outputs are fp32)."""
+        return "fp32" if self.precision == "int8" else self.precision
 
     @property
     def name(self) -> str:
@@ -87,4 +97,6 @@ def plan(params: BenchmarkParams) -> tuple[Protocol, list[Config]]:
         configs.append(Config("fp32", params.channels_last[-1], False, 1, mode="slide"))
     if params.onnxruntime:
         configs.append(Config("fp32", False, False, 1, runtime="onnxruntime"))
+    if params.int8:
+        configs.append(Config("int8", False, False, 1, runtime="onnxruntime"))
     return protocol, configs

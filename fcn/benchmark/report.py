@@ -81,7 +81,7 @@ def write_figure(results: dict[str, Any], path: str | Path,
     ax_lat.set_yticks(list(ys), names, fontsize=8)
     ax_lat.invert_yaxis()
     protocol = results["protocol"]
-    title = (f"FCN8s/{results['model']['backbone']} inference at {protocol['height']}x"
+    title = (f"{results['model'].get('arch', 'fcn8s')}/{results['model']['backbone']} inference at {protocol['height']}x"
              f"{protocol['width']} on {device_label(results)}")
     fig.suptitle(title, fontsize=10)
     if skipped:
@@ -127,7 +127,8 @@ HEADLINE_FIELDS = ("latency_ms_median", "latency_ms_p90", "throughput_ips",
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
     """What `dvc metrics show/diff` and `dvc exp show` list: the fp32 reference, the fast path
-    (also the fastest eager one) and their speed ratio, in numbers.
+    (also the fastest eager one) and their speed ratio, slide mode, onnxruntime fp32 and int8
+    and int8's speed over fp32 onnxruntime (median latencies of the same run), in numbers.
 
     The full results (environment, protocol, every configuration, skip reasons) would be
     hundreds of columns there; they go to the details JSON, per-configuration rows to the CSV.
@@ -151,7 +152,8 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
         return next((e for e in iter_ok(results)
                      if all(e.get(k) == v for k, v in match.items())), None)
 
-    slide, ort = first(mode="slide"), first(runtime="onnxruntime")
+    slide = first(mode="slide")
+    ort, int8 = (first(runtime="onnxruntime", precision=p) for p in ("fp32", "int8"))
     whole = configs.get(slide["name"].replace("-slide", "")) if slide else None
     slide_memory = None
     if slide and whole and whole["status"] == "ok" and whole["peak_memory_mb"]:
@@ -165,6 +167,9 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, Any]:
         "slide": headline(slide),
         "slide_over_whole_memory": slide_memory,
         "onnxruntime": headline(ort),
+        "onnxruntime_int8": headline(int8),
+        "int8_speedup": (ort["latency_ms_median"] / int8["latency_ms_median"]
+                         if ort and int8 else None),
         "configs_measured": sum(1 for _ in iter_ok(results)),
         "configs_skipped": sum(1 for e in configs.values() if e["status"] != "ok"),
     }

@@ -28,7 +28,7 @@ from fcn.benchmark.inputs import benchmark_images, load_weights
 from fcn.benchmark.plan import Config, Protocol, plan
 from fcn.benchmark.worker import Job, measure, run_isolated
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.model import FCN8s
+from fcn.model import FCN, describe
 from fcn.params import BenchmarkParams, ModelParams
 from fcn.predict.predictor import window_boxes
 
@@ -122,6 +122,30 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+INT8_CALIBRATION = (4, 128, 256)
+"""Synthetic scenes (count, height, width) the int8 configuration is calibrated on: the
+benchmark has no dataset; these are seeded apart from the timed images, at the default
+synthetic dataset's size (the benchmark's own if smaller)."""
+
+
+def quantize_for_benchmark(fp32_onnx: Path, out: Path, seed: int, height: int,
+                           width: int) -> None:
+    """The int8 configuration's model: `fp32_onnx` quantised by `fcn.quantize` (minmax, the
+    deploy stage's default) on INT8_CALIBRATION's scenes, random streams [seed, index, 8]
+    (the timed images are [seed, index]), at most `height`×`width`."""
+    from fcn.deploy import to_input
+    from fcn.quantize import quantize_int8
+    from fcn.synthetic import make_scene, render_image
+
+    count, height, width = (INT8_CALIBRATION[0], min(height, INT8_CALIBRATION[1]),
+                            min(width, INT8_CALIBRATION[2]))
+    scenes = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index, 8])
+        scenes.append(to_input(render_image(make_scene(width, height, rng, index), rng)[None]))
+    quantize_int8(fp32_onnx, out, scenes, "minmax")
+
+
 PROCESSES = ("per_config", "shared")
 
 
@@ -158,11 +182,10 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
     window = (boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2])
     slide_flops = counted_flops(model_params, *window) * len(boxes)  # the work slide mode does
     with torch.device("meta"):
-        meta_model = FCN8s(model_params.backbone, NUM_CLASSES, model_params.fc67,
-                           model_params.fc_channels)
+        meta_model = FCN.from_params(model_params, NUM_CLASSES)
     analytic = analytic_flops(meta_model, protocol.height, protocol.width)
-    log.info("FCN8s/%s at %dx%d: %.1f GFLOPs per image counted, %.1f analytic",
-             model_params.backbone, protocol.height, protocol.width, flops / 1e9,
+    log.info("%s at %dx%d: %.1f GFLOPs per image counted, %.1f analytic",
+             describe(model_params), protocol.height, protocol.width, flops / 1e9,
              analytic.flops / 1e9)
 
     # Agreement reference: fp32, eager, smallest batch, the first layout asked for (so a run
@@ -183,17 +206,29 @@ def run_benchmark(params: BenchmarkParams, model_params: ModelParams,
         reasons = {c.name: (runtime_support(device, c.runtime)
                             or precision_support(device, c.precision)) for c in todo}
         runnable = [c for c in todo if reasons[c.name] is None]
-        onnx_path = None
+        onnx_path = int8_path = None
         if any(c.runtime == "onnxruntime" for c in runnable):
             from fcn.deploy import export_onnx
 
             onnx_path = Path(tmp) / "model.onnx"
             export_onnx(model, onnx_path, 18)
+        int8 = [c for c in runnable if c.runtime == "onnxruntime" and c.precision == "int8"]
+        if int8:  # quantised here, once, like the export: workers only time it
+            int8_path = Path(tmp) / "model_int8.onnx"
+            try:
+                quantize_for_benchmark(onnx_path, int8_path, protocol.seed, protocol.height,
+                                       protocol.width)
+            except Exception as exc:  # noqa: BLE001 - the int8 configuration alone is skipped
+                for config in int8:
+                    reasons[config.name] = (f"failed: quantisation: {type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+                runnable = [c for c in runnable if c not in int8]
         del images, model
         bar = tqdm(total=len(todo), desc="benchmark", unit="config", disable=not progress)
         for group in jobs(runnable, processes):
             job = Job(tuple(group), protocol, model_params, str(state_path), str(images_path),
-                      str(onnx_path) if onnx_path else None)
+                      str(onnx_path) if onnx_path else None,
+                      str(int8_path) if int8_path else None)
             try:
                 raws = run_isolated(job, start_method) if isolate else measure(job)
             except Exception as exc:  # noqa: BLE001 - any failure skips just these configs

@@ -31,7 +31,8 @@ returns. Which execution provider really ran is checked, not assumed.
 
 Matmul rate: on CUDA (a dedicated device) probed once per precision and process; on a CPU,
 which other work may share, also after every timed call, and the median counts, so that
-latency and matmul rate see the same load (the memory peak excludes those matmuls).
+latency and matmul rate see the same load (the memory peak excludes those matmuls). The int8
+configuration's is fp32's (`Config.host_precision`): PyTorch has no int8 matmul to probe.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from fcn.benchmark.plan import Config, Protocol
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.device import (DTYPES, autocast, empty_cache, event_times, indexed, peak_memory,
                         reset_peak, synchronize)
-from fcn.model import FCN8s
+from fcn.model import FCN
 from fcn.params import ModelParams
 from fcn.predict.predictor import slide_logits
 
@@ -78,6 +79,8 @@ class Job:
     state_path: str
     images_path: str
     onnx_path: str | None = None
+    onnx_int8_path: str | None = None
+    """that export quantised by `fcn.quantize` (the int8 configuration's model)"""
 
 
 class PeakRss:
@@ -166,14 +169,14 @@ def _measure_one(job: Job, config: Config, rates: _Rates) -> dict[str, Any]:
     protocol = job.protocol
     device = torch.device(protocol.device)
     torch.manual_seed(protocol.seed)
-    with math_mode(device, config.precision, benchmark=protocol.cudnn_benchmark):
+    with math_mode(device, config.host_precision, benchmark=protocol.cudnn_benchmark):
         tf32 = tf32_enabled() if device.type == "cuda" else (None, None)
         if device.type == "cuda":
-            matmul_rates = [rates.cached(config.precision)]
+            matmul_rates = [rates.cached(config.host_precision)]
         else:
-            matmul_rates = [rates.probe(config.precision)]
+            matmul_rates = [rates.probe(config.host_precision)]
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        model = FCN8s(job.model.backbone, NUM_CLASSES, job.model.fc67, job.model.fc_channels)
+        model = FCN.from_params(job.model, NUM_CLASSES)
         model.load_state_dict(torch.load(job.state_path, map_location="cpu", weights_only=True))
         model = model.eval().to(device, memory_format=memory_format)
         images = np.load(job.images_path, mmap_mode="r")[: config.batch_size]
@@ -198,7 +201,7 @@ def _measure_one(job: Job, config: Config, rates: _Rates) -> dict[str, Any]:
 def _time(device: torch.device, config: Config, protocol: Protocol,
           forward: Callable[[], Any], predict: Callable[[Any], np.ndarray], timer: str,
           matmul_rates: list[float], rates: _Rates) -> dict[str, Any]:
-    casting = autocast(device, config.precision, cuda_only=False)
+    casting = autocast(device, config.host_precision, cuda_only=False)
     rss = PeakRss()
     latencies: list[float] = []
     with torch.inference_mode(), casting:
@@ -234,7 +237,7 @@ def _time(device: torch.device, config: Config, protocol: Protocol,
                 rss.checkpoint()
                 if i < protocol.iters - 1:
                     del out
-                matmul_rates.append(rates.probe(config.precision))
+                matmul_rates.append(rates.probe(config.host_precision))
         prediction = predict(out)
     result: dict[str, Any] = {"latencies_s": latencies, "first_call_s": first_call,
                               "prediction": prediction, "timer": timer}
@@ -254,7 +257,7 @@ def _time(device: torch.device, config: Config, protocol: Protocol,
     if device.type == "cuda":
         result["matmul_flops"] = max(matmul_rates)
     else:
-        matmul_rates.append(rates.probe(config.precision))
+        matmul_rates.append(rates.probe(config.host_precision))
         result["matmul_flops"] = statistics.median(matmul_rates)
     return result
 
@@ -265,7 +268,7 @@ def _forward(job: Job, config: Config, model: torch.nn.Module, x: torch.Tensor
     whole images, on sliding windows, or onnxruntime."""
     protocol = job.protocol
     if config.runtime == "onnxruntime":
-        return _onnxruntime(job, x)
+        return _onnxruntime(job, x, int8=config.precision == "int8")
 
     def classes(out: torch.Tensor) -> np.ndarray:
         return out[0].argmax(0).to(torch.uint8).cpu().numpy()
@@ -276,15 +279,17 @@ def _forward(job: Job, config: Config, model: torch.nn.Module, x: torch.Tensor
     return lambda: model(x), classes, "events"
 
 
-def _onnxruntime(job: Job, x: torch.Tensor
+def _onnxruntime(job: Job, x: torch.Tensor, int8: bool = False
                  ) -> tuple[Callable[[], Any], Callable[[Any], np.ndarray], str]:
-    """onnxruntime on the input's device: the session's provider must be that device's (CUDA:
-    onnxruntime-gpu), else the configuration fails saying which provider would have run."""
+    """onnxruntime on the input's device, running the fp32 export or (`int8`) its quantised
+    copy: the session's provider must be that device's (CUDA: onnxruntime-gpu), else the
+    configuration fails saying which provider would have run."""
     from fcn.deploy import INPUT, OUTPUT, session
 
     device = torch.device(job.protocol.device)
     cuda = device.type == "cuda"
-    sess = session(job.onnx_path, job.protocol.threads, cuda=cuda)
+    sess = session(job.onnx_int8_path if int8 else job.onnx_path, job.protocol.threads,
+                   cuda=cuda)
     wanted = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     used = sess.get_providers()
     if used[:1] != [wanted]:

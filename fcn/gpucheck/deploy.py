@@ -19,11 +19,11 @@ from fcn.params import DeployParams
 def exported(check: Check) -> tuple[Path, float]:
     """The trained checkpoint exported by `fcn.deploy.export_onnx` (made once), and the
     seconds the export took."""
-    from fcn.deploy import export_onnx
+    from fcn.deploy import FP32_FILE, export_onnx
 
     if "onnx" not in check.artifacts:
         model = ckpt.load_model(check.artifacts["checkpoint"])
-        path = check.work / "onnx" / "fcn8s.onnx"
+        path = check.work / "onnx" / FP32_FILE
         start = time.perf_counter()
         export_onnx(model, path, DeployParams().opset)
         check.artifacts["onnx"] = (path, time.perf_counter() - start)

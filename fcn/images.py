@@ -43,6 +43,9 @@ does not import this module; tests hold the two equal): 67 M pixels, 32 Cityscap
 all four encodings takes about 17 bytes per pixel); whole-image inference needs far more, which
 slide mode bounds."""
 
+IMAGE_SUFFIXES: Final = (".png", ".jpg", ".jpeg")
+"""What counts as an image file in a folder of inputs (folder prediction, frames of a video)."""
+
 
 @contextlib.contextmanager
 def reading(path: str | Path, what: str) -> Iterator[None]:

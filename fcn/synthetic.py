@@ -400,11 +400,44 @@ def write_item(root: Path, params: SynthesizeParams, split: str, city: str, seq:
         write_json(layout.polygons_path(root, split, stem, layout.COARSE), coarse.to_json())
 
 
+SEQUENCE_SPLIT = "val"
+
+
+def sequence_stems(params: SynthesizeParams) -> list[str]:
+    """The stems of the synthetic sequence's frames: the first val city, the sequence number
+    after its val images (so no stem is also a val image's), frames 0, 1, … (none when
+    `params.sequence_frames` is 0)."""
+    city, seq = params.val_cities[0], params.val_per_city
+    return [layout.make_stem(city, seq, frame) for frame in range(params.sequence_frames)]
+
+
+def write_sequence(root: Path, params: SynthesizeParams) -> None:
+    """A short video in `layout.sequence_path`'s layout: the camera pans at a steady pace
+    across one scene twice the image width (from its left half to its right), so consecutive
+    frames are coherent and no two are alike. Drawn from its own generator: the dataset's
+    other files are the same with or without it."""
+    stems = sequence_stems(params)
+    if not stems:
+        return
+    width, height = params.width, params.height
+    rng = _rng(params.seed, f"{layout.SEQUENCE}/{SEQUENCE_SPLIT}", layout.city_of(stems[0]),
+               params.val_per_city)
+    scene = render_image(make_scene(2 * width, height, rng, index=params.val_per_city), rng)
+    for frame, stem in enumerate(stems):
+        left = round(frame * width / max(1, len(stems) - 1))
+        out = layout.sequence_path(root, SEQUENCE_SPLIT, stem)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene[:, left:left + width]).save(out, compress_level=1)
+
+
 def synthesize(root: str | Path, params: SynthesizeParams) -> int:
-    """Write the whole dataset under `root`, replacing it only once complete."""
+    """Write the whole dataset under `root` (and the sequence, if asked for), replacing it only
+    once complete; returns the number of images (sequence frames not counted)."""
     items = list(dataset_items(params))
     with atomic_dir(root) as tmp:
         for split, city, seq in tqdm(items, desc="synthesize", unit="img"):
             write_item(tmp, params, split, city, seq)
-    log.info("wrote %d images under %s", len(items), root)
+        write_sequence(tmp, params)
+    log.info("wrote %d images%s under %s", len(items), f" and a {params.sequence_frames}-frame "
+             "sequence" if params.sequence_frames else "", root)
     return len(items)

@@ -1,4 +1,5 @@
-"""Stage `export`: test predictions as label-id PNGs + upload zip, overlays and a val GIF.
+"""Stage `export`: test predictions as label-id PNGs + upload zip, overlays, a val GIF, and the
+MP4 of export.sequence's frames (<out>/video/sequence.mp4; none while it is null).
 
 `--images DIR --out DIR` instead predicts any folder of images (outside the dataset too):
 `<out>/<relative path>/<name>_labelIds.png` and `overlay_<name>.png` per image; --mode,

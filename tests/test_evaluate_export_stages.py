@@ -364,8 +364,8 @@ def test_a_failed_export_leaves_the_previous_export_whole(data, tmp_path, monkey
                                                 "generated": str(data.generated)})
     assert run("export", "--params", str(params), cwd=tmp_path, monkeypatch=monkeypatch) == 0
     out = tmp_path / "predictions"
-    for folder in ("test", "overlays", "test_confidence"):  # the previous export, told apart
-        (out / folder / "previous.txt").write_text("previous export")  # from a new one
+    for folder in ("test", "overlays", "test_confidence", "video"):  # the previous export,
+        (out / folder / "previous.txt").write_text("previous export")  # told from a new one
     for name in ("cityscapes_test_labelIds.zip", "val_predictions.gif"):
         (out / name).write_bytes(b"previous " + name.encode())
     before = _tree(out)
@@ -383,7 +383,7 @@ def test_a_failed_export_leaves_the_previous_export_whole(data, tmp_path, monkey
     assert len(errors) == 1 and errors[0].startswith(f"{bad}: cannot read image")
     assert _tree(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["test", "overlays", "test_confidence", "cityscapes_test_labelIds.zip",
+        ["test", "overlays", "test_confidence", "video", "cityscapes_test_labelIds.zip",
          "val_predictions.gif"])
 
 

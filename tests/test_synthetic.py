@@ -143,3 +143,21 @@ def test_a_color_lookup_cannot_segment_the_images(tiny_dataset):
     for predicted in range(19):
         confusion[:, predicted] = votes[lookup == predicted].sum(axis=0)
     assert summary(confusion)["miou"] < 0.35
+
+
+def test_the_sequence_adds_its_frames_and_changes_no_other_byte(tmp_path, tiny_dataset):
+    """synthesize.sequence_frames writes a camera pan in leftImg8bit_sequence's layout from its
+    own generator: the rest of the dataset is byte-identical with it on or off."""
+    root = tmp_path / "with_sequence"
+    synthesize(root, with_changes(TINY, sequence_frames=5))
+    with_sequence, without = _digest(root), _digest(tiny_dataset)
+    extra = sorted(set(with_sequence) - set(without))
+    city, seq = TINY.val_cities[0], TINY.val_per_city  # after the val images: no shared stem
+    assert extra == [f"leftImg8bit_sequence/val/{city}/{city}_{seq:06d}_{frame:06d}"
+                     "_leftImg8bit.png" for frame in range(5)]
+    assert all(with_sequence[f] == without[f] for f in without)
+    frames = [np.asarray(Image.open(root / f)) for f in extra]
+    assert all(f.shape == (TINY.height, TINY.width, 3) for f in frames)
+    step = TINY.width // 4  # the pan crosses one image width in 4 steps
+    for a, b in zip(frames, frames[1:]):  # each frame: the previous one, moved left by a step
+        assert np.array_equal(b[:, :-step], a[:, step:]) and not np.array_equal(a, b)

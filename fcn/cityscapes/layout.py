@@ -5,6 +5,8 @@
 `<root>/<set>/<split>/<city>/<stem>_<set>_<encoding>.png` its masks, with
 stem = `<city>_<seq:06d>_<frame:06d>` and `<set>` an annotation set: `gtFine` (5,000 images:
 train, val, test) or `gtCoarse` (train, val, and the 19,998 images of `train_extra`).
+`<root>/leftImg8bit_sequence/<split>/<city>/<stem>_leftImg8bit.png` are the video snippets
+around each annotated frame (`sequence_path`).
 The official tools key everything on the stem, so we do. This is the only module that spells
 these names out.
 
@@ -28,6 +30,9 @@ IMAGE_SPLITS = ("train", "val", "test", "train_extra")
 """Every split of leftImg8bit."""
 ENCODINGS = ("labelIds", "labelTrainIds", "color", "instanceIds")
 """Every mask encoding, in the order files are written."""
+
+SEQUENCE = "leftImg8bit_sequence"
+"""The video snippets: 30 frames around every annotated one (`sequence_path`)."""
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 POLYGONS_SUFFIX = "_gtFine_polygons.json"
@@ -100,6 +105,12 @@ def city_of(stem: str) -> str:
 
 def image_path(root: str | Path, split: str, stem: str) -> Path:
     return Path(root) / "leftImg8bit" / split / city_of(stem) / f"{stem}{IMAGE_SUFFIX}"
+
+
+def sequence_path(root: str | Path, split: str, stem: str) -> Path:
+    """`<root>/leftImg8bit_sequence/<split>/<city>/<stem>_leftImg8bit.png`: a frame of a
+    snippet (named like the images; the annotated frame is the snippet's 20th)."""
+    return Path(root) / SEQUENCE / split / city_of(stem) / f"{stem}{IMAGE_SUFFIX}"
 
 
 def polygons_path(root: str | Path, split: str, stem: str, annotation: str = FINE) -> Path:

@@ -1,5 +1,5 @@
-"""The export stage's work: server-ready label-id PNGs and zip, color overlays, a GIF, and
-prediction of any folder of images.
+"""The export stage's work: server-ready label-id PNGs and zip, color overlays, a GIF, a video
+of a sequence, and prediction of any folder of images or video.
 
 The official server (and cityscapesScripts' evaluator) finds the prediction of an image by the
 pattern `<city>_<seq>_<frame>*.png` anywhere in the upload, and fails on zero or several
@@ -16,12 +16,17 @@ built beside their final places and put in place together at the end (folders sw
 fcn.atomic), so a failure found only while decoding (a file truncated after a valid header)
 leaves the previous export, or none, never part of a new one.
 
+A video (`render_video`: export.sequence, or `fcn-predict INPUT OUT.mp4`) streams its frames
+through the predictor in batches (`fcn.video` reads them lazily and writes the MP4), so memory
+does not grow with its length; its frames are the overlays' blend, optionally beside the input.
+
 The zip is byte-reproducible: its entries are sorted and carry a fixed date (1980-01-01, zip's
 earliest) and mode, not the files' modification times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -40,15 +45,17 @@ from fcn.atomic import atomic_dir, atomic_path
 from fcn.cityscapes.labels import TRAINID_TO_ID
 from fcn.cityscapes.layout import city_of, list_images, stem_of, submission_name
 from fcn.errors import DataError
-from fcn.images import MAX_PIXELS, read_rgb, read_size, write_label_png, write_png
+from fcn.images import (IMAGE_SUFFIXES, MAX_PIXELS, read_rgb, read_size, write_label_png,
+                        write_png)
 from fcn.params import ExportParams, ModelParams
 from fcn.predict.predictor import Predictor, predict_stream
-from fcn.predict.visualize import blend, colorize, resize_to_width, spread, write_gif
+from fcn.predict.visualize import (blend, colorize, resize_to_width, side_by_side, spread,
+                                   write_gif)
 from fcn.threads import WriteBehind
+from fcn.video import FrameSource, Mp4Writer, open_frames
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LABELS_SUFFIX, OVERLAY_PREFIX = "_labelIds.png", "overlay_"
 CONFIDENCE_PREFIX, ENTROPY_PREFIX = "confidence_", "entropy_"
 """What `predict_folder` writes per image: `<name>_labelIds.png` and `overlay_<name>.png`, and
@@ -102,6 +109,16 @@ class ExportPaths:
         export.confidence_maps)."""
         return self.root / f"{self.split}_confidence"
 
+    @property
+    def video(self) -> Path:
+        """`VIDEO_NAME`, the video of export.sequence (empty unless it is set)."""
+        return self.root / "video"
+
+
+VIDEO_NAME = "sequence.mp4"
+VIDEO_GAP = 4
+"""White pixels between the input and its overlay in a side-by-side video frame."""
+
 
 def _load(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, None]:
     return read_rgb(path, "image", max_pixels), None
@@ -116,21 +133,85 @@ def check_images(images: Sequence[Path], max_pixels: int) -> None:
 
 def export_stage(checkpoint: str | Path, root: str | Path, model: ModelParams,
                  params: ExportParams, paths: ExportPaths, max_pixels: int = MAX_PIXELS) -> int:
-    """The export stage: the split's server-ready predictions, zip and overlays, and the val
-    GIF, all or none of them replaced; returns the number of images exported. Images above
-    `max_pixels` are refused."""
+    """The export stage: the split's server-ready predictions, zip and overlays, the val GIF,
+    and the video of export.sequence (`paths.video`, empty without one), all or none of them
+    replaced; returns the number of images exported. Images and frames above `max_pixels` are
+    refused, before the model is loaded."""
     check_images(list_images(root, paths.split), max_pixels)
     chosen = gif_images(root, params.gif_frames)
     check_images(chosen, max_pixels)
+    sequence = sequence_source(root, params.sequence, max_pixels) if params.sequence else None
     predictor = Predictor.from_params(checkpoint, model, params, params.temperature)
     frames = gif_frames(predictor, chosen, params, max_pixels)  # before any output is touched
-    if not frames:
-        return export_split(predictor, root, paths, params, max_pixels)
-    with atomic_path(paths.gif) as gif:  # put in place after the split's folders and zip
-        write_gif(gif, frames, params.gif_ms_per_frame)
+    # the GIF is put in place after the split's folders and zip, the video folder last
+    with (atomic_dir(paths.video) as video,
+          atomic_path(paths.gif) if frames else contextlib.nullcontext() as gif):
+        if sequence is not None:
+            render_video(predictor, sequence, video / VIDEO_NAME, params,
+                         sequence.fps or params.video_fps)
+        if gif is not None:
+            write_gif(gif, frames, params.gif_ms_per_frame)
         count = export_split(predictor, root, paths, params, max_pixels)
-    log.info("wrote %d frames to %s", len(frames), paths.gif)
+    if frames:
+        log.info("wrote %d frames to %s", len(frames), paths.gif)
+    if sequence is not None:
+        log.info("wrote the video of %s to %s", sequence.path, paths.video / VIDEO_NAME)
     return count
+
+
+def sequence_source(data_root: str | Path, sequence: str, max_pixels: int = MAX_PIXELS
+                    ) -> FrameSource:
+    """export.sequence's frames: a folder of frames or a video file at `sequence` under
+    `data_root` (params refuse an absolute path or `..`; a symbolic link inside the dataset,
+    to a sequence folder on another disk say, is followed), checked by `open_frames`."""
+    root = Path(data_root)
+    path = root / sequence
+    if not path.exists():
+        raise DataError(f"{path}: export.sequence {sequence!r} not found under data.root {root}")
+    return open_frames(path, max_pixels)
+
+
+def video_frame(image: np.ndarray, train_ids: np.ndarray, alpha: float,
+                beside: bool = False) -> np.ndarray:
+    """One frame of a prediction video: the image blended with its predicted colors (as the
+    overlays), with `beside` the input on its left, `VIDEO_GAP` white pixels between."""
+    overlay = blend(image, colorize(train_ids), alpha)
+    return side_by_side([image, overlay], VIDEO_GAP) if beside else overlay
+
+
+def render_video(predictor: Predictor, source: FrameSource, out: str | Path,
+                 params: ExportParams, fps: float) -> int:
+    """Write the MP4 `out` (`fcn.video.Mp4Writer`: atomic, H.264 at `params.video_crf`) of
+    `video_frame` for every frame of `source`, at `fps`, `params.video_side_by_side`; returns
+    the number of frames. Frames stream through `predict_stream` in batches of
+    `params.batch_size`, read `params.workers` ahead: memory stays flat whatever the length."""
+    beside = params.video_side_by_side
+    width = 2 * source.width + VIDEO_GAP if beside else source.width
+    with Mp4Writer(out, width, source.height, fps, params.video_crf) as writer:
+        stream = predict_stream(predictor, source.keys(), lambda key: (source.load(key), None),
+                                params.batch_size, params.workers)
+        for _, image, _, train_ids, _ in tqdm(stream, total=source.count, desc="video",
+                                              unit="frame"):
+            writer.write(video_frame(image, train_ids, params.overlay_alpha, beside))
+        if writer.frames == 0:
+            raise DataError(f"{source.path}: no frame could be decoded")
+    return writer.frames
+
+
+def predict_video_stage(checkpoint: str | Path, model: ModelParams | None,
+                        params: ExportParams, source: str | Path, out: str | Path,
+                        max_pixels: int = MAX_PIXELS, fps: float | None = None) -> int:
+    """`fcn-predict INPUT OUT.mp4`: the prediction video of a video file or folder of frames
+    (`render_video`), at `fps` (None: a video's own rate, `params.video_fps` for frames).
+    Every check (`open_frames`, the output path) comes before the model is loaded."""
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise DataError(f"{out}: a video is written as MP4; give a path ending in .mp4")
+    if out.is_dir():
+        raise DataError(f"{out}: is a folder; give the path of the .mp4 file to write")
+    frames = open_frames(source, max_pixels)
+    predictor = Predictor.from_params(checkpoint, model, params, params.temperature)
+    return render_video(predictor, frames, out, params, fps or frames.fps or params.video_fps)
 
 
 def predict_folder_stage(checkpoint: str | Path, model: ModelParams | None,
@@ -233,9 +314,9 @@ def folder_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder not found")
     images = sorted(p for p in folder.rglob("*")
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise DataError(f"{folder}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+        raise DataError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images found")
     return images
 
 

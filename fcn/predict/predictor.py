@@ -267,7 +267,7 @@ def _batches(stream: Iterable[tuple[T, tuple[np.ndarray, P]]], batch_size: int
         yield batch
 
 
-def predict_stream(predictor: Predictor, items: Sequence[T],
+def predict_stream(predictor: Predictor, items: Iterable[T],
                    load: Callable[[T], tuple[np.ndarray, P]], batch_size: int = 1,
                    workers: int = 2, keep_scores: bool = False
                    ) -> Iterator[tuple[T, np.ndarray, P, np.ndarray, torch.Tensor | None]]:
@@ -275,7 +275,9 @@ def predict_stream(predictor: Predictor, items: Sequence[T],
     (19, H, W) on the CPU, `Predictor.predict`) only with `keep_scores`, else None.
 
     `load(item)` returns the uint8 RGB image and anything else the caller needs alongside (its
-    ground truth, say); it runs in `workers` threads ahead of the model.
+    ground truth, say); it runs in `workers` threads ahead of the model. `items` is consumed
+    lazily, a bounded number ahead of what has been yielded (a generator over a video's frames
+    never piles up).
     """
     stream = read_ahead(load, items, workers=workers, depth=max(2 * workers, batch_size + workers))
     for batch in _batches(stream, batch_size):

@@ -3,6 +3,7 @@
 #   make test    – create/reuse .venv, install the project with test extras, run the tests
 #   make docs    – regenerate the docs' figures and parameter reference from committed files
 #   make check-params – check params.yaml as the stages do, before DVC parses it (repro runs it)
+#   make coarse / make staged – the coarse -> fine and the staged FCN-32s -> 16s -> 8s pipelines
 #   make hooks   – a git pre-commit hook that refuses a params.yaml the stages would refuse
 #   make gpu-check – prove the CUDA paths on a GPU (both profiles, ≤ 2 x 4 min), or their dry
 #                  run without one; table on stdout, every figure in gpu_check.json
@@ -19,14 +20,14 @@ PYTEST_ARGS ?=
 # runs in this process.
 PYTEST_WORKERS ?= auto
 
-.PHONY: install repro test docs check-params hooks gpu-check gpu-wheels clean browser coarse
+.PHONY: install repro test docs check-params hooks gpu-check gpu-wheels clean browser coarse staged
 
 $(PY):
 	python3 -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, isal, onnx, onnxscript, onnxruntime, cityscapesscripts"
+	$(PY) -c "import fcn, torch, torchvision, dvc, dvclive, isal, onnx, onnxscript, onnxruntime, av, cityscapesscripts"
 	touch $@
 
 install: $(VENV)/.installed
@@ -51,6 +52,14 @@ coarse: install check-params
 	@test -f pipelines/coarse/dvc.yaml || cp recipes/coarse_to_fine.yaml pipelines/coarse/dvc.yaml
 	@cmp -s recipes/coarse_to_fine.yaml pipelines/coarse/dvc.yaml || echo "note: pipelines/coarse/dvc.yaml differs from recipes/coarse_to_fine.yaml (kept)"
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro pipelines/coarse/dvc.yaml
+
+# The staged FCN-32s -> 16s -> 8s pipeline (recipes/staged.yaml; docs/training.md), the same way.
+staged: install check-params
+	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
+	@mkdir -p pipelines/staged
+	@test -f pipelines/staged/dvc.yaml || cp recipes/staged.yaml pipelines/staged/dvc.yaml
+	@cmp -s recipes/staged.yaml pipelines/staged/dvc.yaml || echo "note: pipelines/staged/dvc.yaml differs from recipes/staged.yaml (kept)"
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro pipelines/staged/dvc.yaml
 
 # The offline-plots test renders `dvc plots show` in headless Chromium: install it when missing
 # and we may (root + apt-get); never fail here – without it that test skips and says why.

@@ -120,6 +120,14 @@ def benchmark_headline() -> str:
         lines.append(f"- onnxruntime `{ort['config']}`: {ort['latency_ms_median']:.0f} ms, "
                      f"peak memory {ort['peak_memory_mb']:.0f} MB, argmax agreement "
                      f"{100 * ort['agreement']:.4f}%.")
+    int8 = b.get("onnxruntime_int8")
+    if int8:
+        speedup = (f"; {b['int8_speedup']:.2f}× onnxruntime fp32's speed"
+                   if b.get("int8_speedup") else "")
+        lines.append(f"- onnxruntime int8 `{int8['config']}` (the deploy stage's quantisation, "
+                     f"calibrated on synthetic scenes): {int8['latency_ms_median']:.0f} ms, "
+                     f"peak memory {int8['peak_memory_mb']:.0f} MB, argmax agreement with fp32 "
+                     f"{100 * int8['agreement']:.4f}%{speedup}.")
     lines.append(f"- Configurations measured: {b['configs_measured']}, skipped (device lacks "
                  f"them): {b['configs_skipped']}.")
     return "\n".join(lines)
@@ -128,18 +136,33 @@ def benchmark_headline() -> str:
 def deploy_result() -> str:
     """The deploy stage's check (metrics/deploy.json) and timings (deploy_latency.json)."""
     d = {**_metrics("deploy.json"), **_metrics("deploy_latency.json")}
-    ms = d["latency_ms"]
-    return "\n".join([
+    ms, miou, int8 = d["latency_ms"], d.get("miou", {}), d.get("int8")
+    size = f"{d['latency_height']}×{d['latency_width']}"
+    lines = [
         "| what | value |", "|---|---:|",
         f"| argmax agreement with PyTorch on val | {100 * d['agreement']:.4f}% of "
         f"{d['pixels']} pixels ({d['images']} images) |",
         f"| largest logit difference | {d['max_abs_logit_diff']:.2g} |",
         f"| ONNX file (opset {d['opset']}) | {d['file_mb']:.1f} MB |",
-        f"| CPU latency at {d['latency_height']}×{d['latency_width']}, PyTorch fp32 "
-        f"channels-last | {ms['torch']:.0f} ms |",
-        f"| CPU latency at {d['latency_height']}×{d['latency_width']}, onnxruntime | "
+        f"| CPU latency at {size}, PyTorch fp32 channels-last | {ms['torch']:.0f} ms |",
+        f"| CPU latency at {size}, onnxruntime | "
         f"{ms['onnxruntime']:.0f} ms ({d['onnxruntime_speedup']:.2f}× PyTorch) |",
-    ])
+    ]
+    if miou:
+        lines.append("| val mIoU (official class IoU): PyTorch fp32 / onnxruntime fp32"
+                     + (" / int8" if "onnxruntime_int8" in miou else "") + " | "
+                     + " / ".join(f"{value:.4f}" for value in miou.values()) + " |")
+    if int8 and "onnxruntime_int8" in ms:
+        lines += [
+            f"| int8: argmax agreement with PyTorch fp32 on val | {100 * int8['agreement']:.4f}% "
+            f"(largest logit difference {int8['max_abs_logit_diff']:.2g}) |",
+            f"| int8: val mIoU drop from PyTorch fp32 | {int8['miou_drop']:.4f} |",
+            f"| int8 ONNX file ({int8['calibration_images']} calibration images) | "
+            f"{int8['file_mb']:.1f} MB |",
+            f"| CPU latency at {size}, onnxruntime int8 | {ms['onnxruntime_int8']:.0f} ms "
+            f"({d['int8_speedup']:.2f}× onnxruntime fp32) |",
+        ]
+    return "\n".join(lines)
 
 
 def inference_modes() -> str:

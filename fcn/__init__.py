@@ -7,14 +7,17 @@ calls one function here, which writes the stage's outputs):
     fields        how a section declares a field; its type/range check and JSON Schema
     stage         what every stage script shares: logging, one-line errors, exit codes
     errors        FcnError (input problems: one line, exit 1), ParamsError, DataError
-    model         FCN8s on a torchvision VGG backbone; ImageNet weights
+    model         the FCN family (32s, 16s, 8s) on a torchvision VGG backbone; ImageNet weights
     checkpoint    the checkpoint schema: save, load, load a model, resume check
     sources       the project files a module runs, and their digests (a run's code identity)
     synthetic     stage `synthesize`: a synthetic dataset in the exact Cityscapes layout
                   (the default data)
     class_weights stage `class_weights`: pixel histogram → enet / median-frequency weights
     decode        stage `decode`: train/val pairs as raw arrays the train loader memory-maps
-    deploy        stage `deploy`: ONNX export checked against PyTorch with onnxruntime
+    deploy        stage `deploy`: ONNX export (and its int8 copy) checked against PyTorch
+                  with onnxruntime: agreement, val mIoU, latency
+    quantize      static int8 quantisation (onnxruntime QDQ) for CPUs, calibrated one image
+                  at a time; the same bytes for the same inputs
     outputs       the outputs that hold timings and machine figures (the rest are
                   byte-reproducible)
     metrics       mIoU / Dice / accuracy from confusion matrices (training curves)
@@ -24,6 +27,8 @@ calls one function here, which writes the stage's outputs):
                   restore them, and recorded (`compute.*` in the metrics)
     images        reading and writing image files, with one-line errors naming the file
     png           the fast PNG codec for label masks
+    video         frame streams: a video file or folder of frames read lazily, MP4 (H.264)
+                  written atomically (PyAV)
     atomic        atomic file and folder output (temporary + rename)
     lifetime      no process of a run outlives its owner (DVC, the shell, the stage, torchrun)
     threads       bounded read-ahead and write-behind threads
@@ -50,9 +55,9 @@ calls one function here, which writes the stage's outputs):
                     lock, and publishing the final checkpoints to train.out
     predict/      stages `evaluate` and `export`: a trained model on whole images
         predictor   Predictor: whole or sliding windows, multi-scale/flip TTA, OOM fallback
-        cli         `fcn-predict`: a folder of images from anywhere
+        cli         `fcn-predict`: a folder of images, or a video, from anywhere
         evaluate    stage `evaluate`: scores, tables and plots
-        export      stage `export`: server-ready predictions, zip, overlays, GIF
+        export      stage `export`: server-ready predictions, zip, overlays, GIF, video
         visualize   colors, overlays, panels, heatmap, GIF frames
     analysis/     where and how sure a model is wrong (the evaluate stage's analysis)
         boundary    Boundary IoU (Cheng et al. 2021), trimap IoU by distance from an edge

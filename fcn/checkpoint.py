@@ -35,7 +35,7 @@ from fcn.device import rng_state as device_rng_state
 from fcn.device import set_rng_state as set_device_rng_state
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.errors import DataError, torch_load_problem
-from fcn.model import FCN8s
+from fcn.model import FCN, describe
 from fcn.fields import check_section
 from fcn.params import ModelParams, TrainParams, params_hash
 
@@ -50,7 +50,7 @@ MODEL_KEYS = ("format", "model", "model_params", "num_classes", "epoch", "params
 STATE_KEYS = MODEL_KEYS + ("step", "optimizer", "scheduler", "scaler", "best_miou",
                            "best_epoch", "history", "hashed_params", "rng", "stop_reason")
 """What last.pt keeps: the model, plus everything a resumed run continues from."""
-SHAPE_PARAMS = ("backbone", "fc67", "fc_channels")
+SHAPE_PARAMS = ("arch", "backbone", "fc67", "fc_channels")
 """The model parameters that decide the architecture (`weights` only says how training began)."""
 
 
@@ -273,8 +273,7 @@ def check_shapes(path: str | Path, weights: Mapping[str, Any], params: ModelPara
     meta device (nothing allocated): one line naming what is missing, unexpected, or of another
     shape or dtype (a float64 or complex weight would be cast on loading: 1e300 becomes inf)."""
     with torch.device("meta"):
-        skeleton = FCN8s(params.backbone, num_classes, params.fc67,
-                         params.fc_channels).state_dict()
+        skeleton = FCN.from_params(params, num_classes).state_dict()
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.items()}
     stored = {k: (tuple(v.shape), v.dtype) for k, v in weights.items()
               if isinstance(v, torch.Tensor)}
@@ -297,8 +296,8 @@ def check_shapes(path: str | Path, weights: Mapping[str, Any], params: ModelPara
                         f"{str(stored[k][1]).removeprefix('torch.')} in the file, "
                         f"{str(expected[k][1]).removeprefix('torch.')} in the model")
     if problems:
-        raise DataError(f"{path}: weights do not fit FCN8s/{params.backbone} "
-                        f"(fc67={params.fc67}): {'; '.join(problems)}")
+        raise DataError(f"{path}: weights do not fit {describe(params)}: "
+                        f"{'; '.join(problems)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,13 +320,17 @@ class InitReport:
 
 def check_init(path: str | Path, params: ModelParams) -> dict[str, Any]:
     """The checkpoint `path` names for train.init, read and checked (`initialise_from`'s
-    refusals, one line each): its tensors by name."""
+    refusals, one line each): its tensors by name. Any arch of the family initialises any
+    other (staged training: 32s → 16s → 8s); the backbone must be the same."""
     checkpoint = load(path, hint="train.init must name a checkpoint this project wrote")
     theirs = model_params_of(path, checkpoint["model_params"])
     if theirs.backbone != params.backbone:
-        raise DataError(f"{path}: train.init is an FCN8s/{theirs.backbone} checkpoint, the model "
-                        f"is FCN8s/{params.backbone} (model.backbone): only a checkpoint of the "
+        raise DataError(f"{path}: train.init is an {describe(theirs)} checkpoint, the model "
+                        f"is {describe(params)} (model.backbone): only a checkpoint of the "
                         "same backbone initialises it")
+    if theirs.arch != params.arch:
+        log.info("train.init: %s is an %s checkpoint; the model is %s (staged training)",
+                 path, theirs.arch, params.arch)
     return checkpoint["model"]
 
 
@@ -338,7 +341,9 @@ def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParam
     other tensors keep their initialisation (a score layer for another class count, fc6/fc7
     when one side has them). Refused in one line (DataError): a file that is not a training
     checkpoint of this project, one of another backbone than `params.backbone` (its layers
-    would match by name only by accident), or one from which no tensor fits. `weights`: what
+    would match by name only by accident), or one from which no tensor fits. Another arch is
+    accepted: FCN-32s → FCN-16s loads all but `up_final` (another kernel size), leaving the
+    pool4 skip fresh (a zero score layer: the new model starts as the old one's prediction). `weights`: what
     `check_init(path, params)` returned, when the caller has read the file already."""
     weights = check_init(path, params) if weights is None else weights
     own = model.state_dict()  # tensors sharing the parameters' and buffers' storage
@@ -347,7 +352,7 @@ def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParam
               and tensor.shape == own[name].shape and tensor.dtype == own[name].dtype]
     if not loaded:
         raise DataError(f"{path}: train.init: no tensor of the checkpoint fits the model "
-                        f"(FCN8s/{params.backbone}, fc67={params.fc67})")
+                        f"({describe(params)})")
     with torch.no_grad():
         for name in loaded:
             own[name].copy_(weights[name])
@@ -356,8 +361,8 @@ def initialise_from(model: torch.nn.Module, path: str | Path, params: ModelParam
                       [n for n in weights if n not in taken])
 
 
-def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN8s:
-    """The FCN8s stored in a checkpoint, in eval mode on the CPU.
+def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN:
+    """The FCN stored in a checkpoint, in eval mode on the CPU.
 
     With `expected` (params.yaml's model section), a checkpoint made for another backbone or
     head is an error naming the file and both values; without, the model is rebuilt from the
@@ -383,12 +388,12 @@ def load_model(path: str | Path, expected: ModelParams | None = None) -> FCN8s:
         raise DataError(f"{path}: checkpoint predicts {checkpoint['num_classes']!r} classes, "
                         f"Cityscapes evaluation needs {NUM_CLASSES}")
     check_shapes(path, checkpoint["model"], stored, NUM_CLASSES)  # before anything is built
-    model = FCN8s(stored.backbone, NUM_CLASSES, stored.fc67, stored.fc_channels)
+    model = FCN.from_params(stored, NUM_CLASSES)
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
-        raise DataError(f"{path}: weights do not fit FCN8s/{stored.backbone}: {reason}") from None
+        raise DataError(f"{path}: weights do not fit {describe(stored)}: {reason}") from None
     log.info("loaded %s (epoch %s)", path, checkpoint.get("epoch", "?"))
     return model.eval()
 

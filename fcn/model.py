@@ -1,9 +1,16 @@
-"""FCN8s (Long, Shelhamer, Darrell) on a torchvision VGG backbone.
+"""The FCN family (Long, Shelhamer, Darrell): FCN-32s, FCN-16s, FCN-8s on a torchvision VGG.
 
-Score the stride-32 features, upsample ×2, add the scored pool4, upsample ×2, add the scored
-pool3, upsample ×8. Transposed convolutions start as bilinear interpolation, score layers as
-zero, as in the paper. Inputs of any size are padded to a multiple of 32 and the output is
-cropped back, so the output always has the input's height and width.
+FCN-8s: score the stride-32 features, upsample ×2, add the scored pool4, upsample ×2, add the
+scored pool3, upsample ×8. FCN-16s stops after the pool4 skip and upsamples ×16; FCN-32s has no
+skip and upsamples the stride-32 scores ×32. Transposed convolutions start as bilinear
+interpolation, score layers as zero, as in the paper. Inputs of any size are padded to a
+multiple of 32 and the output is cropped back, so every skip adds maps of exactly the same size
+(no offset crop needed) and the output always has the input's height and width.
+
+The three share their module names (`score_pool5`, `score_pool4`, `up_pool5`, …; `up_final` is
+the last upsampling, whose kernel differs per arch), so the paper's staged training, 32s → 16s
+→ 8s, is whole-model initialisation by name and shape (`train.init`): the coarser model's
+layers load, the new skip's zero-initialised score layer and bilinear upsampling start fresh.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ from torch import nn
 
 from fcn.errors import DataError, torch_load_problem
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.params import BACKBONES, ModelParams
+from fcn.params import ARCHS, BACKBONES, ModelParams
 
 log = logging.getLogger(__name__)
 
 STRIDE = 32
+OUTPUT_STRIDES = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}
+"""Each arch's finest skip: the stride of the scores the last upsampling starts from."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -86,17 +95,21 @@ def _out_channels(block: nn.Sequential) -> int:
     return [m for m in block if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-class FCN8s(nn.Module):
+class FCN(nn.Module):
     """Input: float images in [0, 1], (N, 3, H, W), any H and W. Output: (N, classes, H, W) logits.
 
-    ImageNet normalisation happens inside, so callers never have to remember it.
+    `arch`: fcn32s, fcn16s or fcn8s. ImageNet normalisation happens inside, so callers never
+    have to remember it.
     """
 
     def __init__(self, backbone: str = "vgg11_bn", num_classes: int = NUM_CLASSES,
-                 fc67: bool = False, fc_channels: int = 4096) -> None:
+                 fc67: bool = False, fc_channels: int = 4096, arch: str = "fcn8s") -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+        self.arch = arch
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.to_pool3, self.to_pool4, self.to_pool5 = split_at_pools(vgg_features(backbone))
@@ -110,12 +123,15 @@ class FCN8s(nn.Module):
             top_channels = fc_channels
         else:
             self.head = nn.Identity()
+        stride = OUTPUT_STRIDES[arch]
         self.score_pool5 = _score(top_channels, num_classes)
-        self.score_pool4 = _score(_out_channels(self.to_pool4), num_classes)
-        self.score_pool3 = _score(_out_channels(self.to_pool3), num_classes)
-        self.up_pool5 = _upsample(num_classes, 2)
-        self.up_pool4 = _upsample(num_classes, 2)
-        self.up_final = _upsample(num_classes, 8)
+        if stride <= 16:
+            self.score_pool4 = _score(_out_channels(self.to_pool4), num_classes)
+            self.up_pool5 = _upsample(num_classes, 2)
+        if stride <= 8:
+            self.score_pool3 = _score(_out_channels(self.to_pool3), num_classes)
+            self.up_pool4 = _upsample(num_classes, 2)
+        self.up_final = _upsample(num_classes, stride)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -127,10 +143,18 @@ class FCN8s(nn.Module):
         x = F.pad(x, (0, -width % STRIDE, 0, -height % STRIDE))
         pool3 = self.to_pool3(x)
         pool4 = self.to_pool4(pool3)
-        pool5 = self.head(self.to_pool5(pool4))
-        score = self.up_pool5(self.score_pool5(pool5)) + self.score_pool4(pool4)
-        score = self.up_pool4(score) + self.score_pool3(pool3)
+        score = self.score_pool5(self.head(self.to_pool5(pool4)))
+        if self.arch != "fcn32s":
+            score = self.up_pool5(score) + self.score_pool4(pool4)
+        if self.arch == "fcn8s":
+            score = self.up_pool4(score) + self.score_pool3(pool3)
         return self.up_final(score)[..., :height, :width]
+
+    @classmethod
+    def from_params(cls, params: ModelParams, num_classes: int = NUM_CLASSES) -> "FCN":
+        """The architecture `params` describe, freshly initialised (no backbone weights loaded:
+        `build_model` does that)."""
+        return cls(params.backbone, num_classes, params.fc67, params.fc_channels, params.arch)
 
     def backbone_modules(self) -> list[nn.Module]:
         """The layers that ImageNet weights initialise (for per-group learning rates)."""
@@ -159,6 +183,17 @@ class FCN8s(nn.Module):
                     fc6.bias.copy_(state["classifier.0.bias"])
                     fc7.weight.copy_(state["classifier.3.weight"].view_as(fc7.weight))
                     fc7.bias.copy_(state["classifier.3.bias"])
+
+
+def describe(params: ModelParams) -> str:
+    """How messages and reports name an architecture: `fcn8s/vgg11_bn`, `+fc67` with fc6/fc7."""
+    return f"{params.arch}/{params.backbone}" + ("+fc67" if params.fc67 else "")
+
+
+def score_layers(model: FCN) -> list[nn.Conv2d]:
+    """The model's 1×1 score layers, coarsest first (FCN-32s has one, FCN-8s three)."""
+    return [getattr(model, name) for name in ("score_pool5", "score_pool4", "score_pool3")
+            if hasattr(model, name)]
 
 
 def imagenet_weights_file(backbone: str) -> tuple[Path, str]:
@@ -190,9 +225,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(params: ModelParams, num_classes: int = NUM_CLASSES) -> FCN8s:
+FCN8s = FCN
+"""The default arch's name, which most callers (and the tests) build: `FCN8s(backbone, …)` is
+FCN-8s unless `arch` says otherwise."""
+
+
+def build_model(params: ModelParams, num_classes: int = NUM_CLASSES) -> FCN:
     """The model `params` describe, with its backbone weights ('none', 'imagenet' or a path)."""
-    model = FCN8s(params.backbone, num_classes, params.fc67, params.fc_channels)
+    model = FCN.from_params(params, num_classes)
     if params.weights == "none":
         return model
     if params.weights == "imagenet":

@@ -21,9 +21,17 @@ TIMING_OUTPUTS: dict[str, str] = {
     "metrics/coarse/pretrain_timing/plots": "coarse_pretrain: as train's",
     "metrics/coarse/finetune_timing/metrics.json": "coarse_finetune: as train's",
     "metrics/coarse/finetune_timing/plots": "coarse_finetune: as train's",
-    "metrics/deploy_latency.json": "deploy: PyTorch's and onnxruntime's latency at "
-                                   "deploy.height × deploy.width on this machine (a metric, "
-                                   "apart from the check's: it changes only when deploy reruns)",
+    "metrics/staged/fcn32s_timing/metrics.json": "staged_fcn32s (the staged pipeline, "
+                                                  "`make staged`): as train's",
+    "metrics/staged/fcn32s_timing/plots": "staged_fcn32s: as train's",
+    "metrics/staged/fcn16s_timing/metrics.json": "staged_fcn16s: as train's",
+    "metrics/staged/fcn16s_timing/plots": "staged_fcn16s: as train's",
+    "metrics/staged/fcn8s_timing/metrics.json": "staged_fcn8s: as train's",
+    "metrics/staged/fcn8s_timing/plots": "staged_fcn8s: as train's",
+    "metrics/deploy_latency.json": "deploy: PyTorch's, onnxruntime's and onnxruntime int8's "
+                                   "latency at deploy.height × deploy.width on this machine, "
+                                   "measured in one run (a metric, apart from the check's: it "
+                                   "changes only when deploy reruns)",
     "metrics/benchmark.json": "benchmark: the headline figures (a metric: the stage is a "
                               "measurement)",
     "metrics/benchmark_details.json": "benchmark: every configuration's measurements",

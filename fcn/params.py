@@ -22,7 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.cityscapes.layout import ANNOTATION_SPLITS, COARSE, ENCODINGS, SOURCES, SPLITS, parse_source
+from fcn.cityscapes.layout import (ANNOTATION_SPLITS, COARSE, ENCODINGS, IMAGE_SPLITS, SEQUENCE,
+                                   SOURCES, SPLITS, parse_source)
 from fcn.errors import ParamsError
 from fcn.fields import check_section, param, section_schema, type_name  # noqa: F401 (re-export)
 
@@ -35,11 +36,13 @@ SCHEMA_FILE = "params.schema.json"
 # The names a parameter may take, declared once: the Literals below are derived from them, and
 # the code that acts on them (fcn.model, fcn.device, fcn.cityscapes.layout) uses the same tuples.
 BACKBONES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+ARCHS = ("fcn32s", "fcn16s", "fcn8s")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 BENCHMARK_PRECISIONS = PRECISIONS
 DEVICES = ("auto", "cpu", "cuda")
 
 Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
+Arch = Literal[ARCHS]  # type: ignore[valid-type]
 Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
 BenchmarkPrecision = Literal[BENCHMARK_PRECISIONS]  # type: ignore[valid-type]
 Device = Literal[DEVICES]  # type: ignore[valid-type]
@@ -48,6 +51,12 @@ ClassWeightScheme = Literal["enet", "median_frequency"]
 Split = Literal[SPLITS]  # type: ignore[valid-type]
 CoarseSplit = Literal[ANNOTATION_SPLITS[COARSE]]  # type: ignore[valid-type]
 Source = Literal[SOURCES]  # type: ignore[valid-type]
+INT8_METHODS = ("minmax", "entropy", "percentile")
+"""Calibration methods of the int8 model (fcn.quantize maps them to onnxruntime's)."""
+CALIBRATION_SPLITS = tuple(split for split in IMAGE_SPLITS if split != "val")
+"""Splits the int8 model may calibrate on: any but val, which its check scores."""
+Int8Method = Literal[INT8_METHODS]  # type: ignore[valid-type]
+CalibrationSplit = Literal[CALIBRATION_SPLITS]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,11 @@ class SynthesizeParams:
     train_extra_per_city: int = _p(8, ge=1, help="train_extra images per city")
     coarse: bool = _p(True, help="also write gtCoarse annotations (coarser polygons, fewer "
                       "objects) for train, train_extra and val, as Cityscapes ships them")
+    sequence_frames: int = _p(0, ge=0, le=300, help="frames of a synthetic video sequence "
+                              "(a camera pan across a scene twice the image width), written as "
+                              "leftImg8bit_sequence/val/<first val city>/ like Cityscapes' "
+                              "snippets, for export.sequence; 0 = none (every other file is "
+                              "the same either way)")
 
 
 @dataclass(frozen=True)
@@ -100,7 +114,9 @@ class DecodeParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    backbone: Backbone = _p("vgg11_bn", help="torchvision VGG whose features FCN8s builds on")
+    arch: Arch = _p("fcn8s", help="the FCN head (Long et al.): fcn32s (no skip, x32 "
+                    "upsampling), fcn16s (+ pool4 skip), fcn8s (+ pool3 skip)")
+    backbone: Backbone = _p("vgg11_bn", help="torchvision VGG whose features the FCN builds on")
     weights: str = _p("none", help="'none', 'imagenet' or a path to a backbone state dict")
     fc67: bool = _p(False, help="fc6/fc7 as convolutions (adds ~245 GMACs at 1024x2048)")
     fc_channels: int = _p(4096, ge=1, le=16384, help="width of fc6/fc7 (when fc67 is true; "
@@ -230,6 +246,45 @@ def phase_train(train: TrainParams, coarse: CoarseParams, phase: str) -> TrainPa
 
 
 @dataclass(frozen=True)
+class StagedParams:
+    """The paper's staged training (`make staged`: recipes/staged.yaml): FCN-32s, then FCN-16s
+    initialised from it, then FCN-8s from that. Each step trains with `train`'s and `model`'s
+    parameters but for the arch and the fields here."""
+
+    epochs: int | None = _p(12, ge=1, help="epochs of each step (or null, with iterations set)")
+    iterations: int | None = _p(None, ge=1, help="optimizer steps of each step instead of "
+                                "epochs")
+    lr_decay: float = _p(1.0, gt=0, le=1, help="each step's peak learning rate is the previous "
+                         "step's times this (FCN-32s: train.lr). The paper lowers it 100x for "
+                         "fixed-LR SGD on a summed loss; here every step has its own poly "
+                         "schedule and AdamW, so 1 (each step at train.lr)")
+    out: str = _p("models_staged", help="each step's best.pt and last.pt, in <out>/<arch>; "
+                  "FCN-16s starts from <out>/fcn32s/last.pt, FCN-8s from <out>/fcn16s/last.pt")
+
+
+STAGES = ARCHS
+"""The staged recipe's steps, in order: each arch of the family from the one before."""
+
+
+def staged_params(model: ModelParams, train: TrainParams, staged: StagedParams,
+                  arch: str) -> tuple[ModelParams, TrainParams]:
+    """`model` and `train` for one step of staged training: the step's arch, schedule, peak
+    learning rate (train.lr x lr_decay per earlier step) and output folder; a step after the
+    first starts from the previous step's last.pt (the end of its schedule, as the paper
+    initialises FCN-16s with the trained FCN-32s, not a checkpoint chosen on val). The first
+    keeps train.init."""
+    if arch not in STAGES:
+        raise ValueError(f"arch must be one of {STAGES}, got {arch!r}")
+    index = STAGES.index(arch)
+    changes: dict[str, Any] = {"epochs": staged.epochs, "iterations": staged.iterations,
+                               "lr": train.lr * staged.lr_decay ** index,
+                               "out": f"{staged.out}/{arch}"}
+    if index:
+        changes["init"] = f"{staged.out}/{STAGES[index - 1]}/last.pt"
+    return dataclasses.replace(model, arch=arch), dataclasses.replace(train, **changes)
+
+
+@dataclass(frozen=True)
 class InferenceParams:
     """How a trained model predicts: the fields evaluate and export share (and their
     defaults), read by `fcn.predict.predictor.Predictor.from_params`."""
@@ -281,6 +336,15 @@ class ExportParams(InferenceParams):
     gif_frames: int = _p(8, ge=0, help="val images in the animated GIF (0 = no GIF)")
     gif_width: int = _p(512, ge=32, help="GIF frame width in pixels")
     gif_ms_per_frame: int = _p(500, ge=10, help="GIF frame duration")
+    sequence: str | None = _p(None, help="a folder of frames (or a video file) under data.root "
+                              "rendered as <out>/video/sequence.mp4, each frame's prediction "
+                              "blended over it (H.264): e.g. leftImg8bit_sequence/val/frankfurt "
+                              "or leftImg8bit/demoVideo/stuttgart_00; null = no video")
+    video_fps: float = _p(17.0, gt=0, le=1000, help="frame rate of the MP4 of a folder of frames "
+                          "(Cityscapes was recorded at 17 Hz); a video file keeps its own")
+    video_side_by_side: bool = _p(False, help="each MP4 frame shows the input beside its overlay")
+    video_crf: int = _p(23, ge=0, le=51, help="x264 quality: 0 = best ... 51 = smallest file (23, "
+                        "x264's default; each +6 about halves the size)")
     confidence_maps: bool = _p(False, help="also write each test image's max-probability and "
                                "entropy maps (PNG, see confidence_bits) and their overlays")
     confidence_bits: int = _p(16, ge=8, le=16, help="8 or 16-bit confidence/entropy PNGs "
@@ -301,9 +365,27 @@ class DeployParams:
     width: int = _p(2048, ge=32, help="image width of the latency measurement")
     warmup: int = _p(1, ge=0, help="untimed calls of each runtime first")
     iters: int = _p(2, ge=1, help="timed calls of each runtime (the median counts)")
-    threads: int = _p(0, ge=0, help="CPU threads for both runtimes (0 = PyTorch's default)")
-    out: str = _p("deploy/fcn8s.onnx", help="the ONNX file (its own folder: models/ is the "
-                  "train stage's output)")
+    threads: int = _p(0, ge=0, help="CPU threads for every runtime (0 = PyTorch's default)")
+    int8: bool = _p(True, help="also write model_int8.onnx for CPUs: onnxruntime static "
+                    "quantisation (QDQ, per-channel int8 weights, uint8 activations), checked on "
+                    "val against PyTorch fp32 (agreement, mIoU) and timed beside fp32")
+    int8_calibration: CalibrationSplit = _p(
+        "test", help="split whose images calibrate the int8 activation ranges: test (images the "
+        "model was neither trained nor scored on), train or train_extra; never val, which the "
+        "check scores")
+    int8_calibration_images: int = _p(8, ge=1, help="calibration images, spread evenly over the "
+                                      "split's sorted list (all of them when it has fewer)")
+    int8_method: Int8Method = _p(
+        "minmax", help="calibration: minmax (observed range), entropy (onnxruntime's KL-divergence "
+        "threshold), percentile (99.999th percentile of |x|); entropy and percentile keep a "
+        "histogram per tensor and take longer")
+    int8_min_agreement: float = _p(0.98, ge=0, le=1, help="share of val pixels whose int8 argmax "
+                                   "must equal PyTorch fp32's, or the stage fails")
+    int8_max_miou_drop: float = _p(0.01, ge=0, le=1, help="largest val mIoU (official class IoU) "
+                                   "drop from PyTorch fp32 to int8 (0.01 = one point), or the "
+                                   "stage fails")
+    out: str = _p("deploy", help="the folder the stage replaces whole: model.onnx (fp32) and, "
+                  "with int8, model_int8.onnx (apart from models/, the train stage's output)")
 
 
 @dataclass(frozen=True)
@@ -324,6 +406,9 @@ class BenchmarkParams:
     stride: list[int] = _p([341, 683], help="[height, width] step of slide mode's windows")
     onnxruntime: bool = _p(True, help="also measure the ONNX export of the same weights in "
                            "onnxruntime (fp32, batch 1)")
+    int8: bool = _p(True, help="also measure that export quantised to int8 (fcn.quantize, as "
+                    "the deploy stage's model_int8.onnx; calibrated on 4 synthetic scenes) in "
+                    "onnxruntime, batch 1; CPU only (skipped on CUDA, with the reason)")
     weights: str = _p("trained_like", help="'trained_like' (seeded random backbone, BN "
                       "calibrated, random score layers) or a training checkpoint path")
     seed: int = _p(0, ge=0, help="weights and benchmark images")
@@ -354,6 +439,7 @@ class Params:
     deploy: DeployParams = field(default_factory=DeployParams)
     benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
     coarse: CoarseParams = field(default_factory=CoarseParams)
+    staged: StagedParams = field(default_factory=StagedParams)
 
 
 def _check_sources(key: str, sources: list[str], problems: list[str]) -> None:
@@ -385,6 +471,7 @@ def _check_relations(params: Params, problems: list[str]) -> None:
         _check_schedule(f"coarse.{phase}_", getattr(c, f"{phase}_epochs"),
                         getattr(c, f"{phase}_iterations"), problems)
         _check_sources(f"coarse.{phase}_splits", getattr(c, f"{phase}_splits"), problems)
+    _check_schedule("staged.", params.staged.epochs, params.staged.iterations, problems)
     if not c.splits or len(set(c.splits)) != len(c.splits):
         problems.append(f"coarse.splits: expected gtCoarse splits without repeats, got {c.splits}")
     if isinstance(t.class_weights, list) and (
@@ -418,6 +505,11 @@ def _check_relations(params: Params, problems: list[str]) -> None:
     if not widths or widths != sorted(set(widths)):
         problems.append(f"evaluate.trimap_widths: expected a non-empty increasing list, got "
                         f"{widths}")
+    sequence = params.export.sequence
+    if sequence is not None and (not sequence or Path(sequence).is_absolute()
+                                 or ".." in Path(sequence).parts):
+        problems.append(f"export.sequence: expected a path relative to data.root, without "
+                        f"'..' (or null), got {sequence!r}")
     if params.export.confidence_bits not in (8, 16):
         problems.append(f"export.confidence_bits: expected 8 or 16, got "
                         f"{params.export.confidence_bits}")
@@ -440,20 +532,22 @@ def _check_relations(params: Params, problems: list[str]) -> None:
     _check_output_folders(params, problems)
 
 
-SHIPPED = ("gtFine", "gtCoarse", "leftImg8bit")
+SHIPPED = ("gtFine", "gtCoarse", "leftImg8bit", SEQUENCE)
 """The dataset's own folders under data.root: no output may be written into them."""
 
 
 def _check_output_folders(params: Params, problems: list[str]) -> None:
-    """The folders stages replace whole (data.generated, decode.out, train.out, export.out)
-    must not be data.root, lie in its shipped folders or hold it, nor overlap each other: a
-    careless path would otherwise replace the dataset, or one stage's outputs another's."""
+    """The folders stages replace whole (data.generated, decode.out, train.out, export.out,
+    deploy.out, the recipes' outputs) must not be data.root, lie in its shipped folders or hold
+    it, nor overlap each other: a careless path would otherwise replace the dataset, or one
+    stage's outputs another's."""
     root = Path(params.data.root).resolve()
     outputs = {"data.generated": params.data.generated, "decode.out": params.decode.out,
                "train.out": params.train.out, "export.out": params.export.out,
                "coarse.generated": params.coarse.generated,
                "coarse.pretrain_out": params.coarse.pretrain_out,
-               "coarse.finetune_out": params.coarse.finetune_out}
+               "coarse.finetune_out": params.coarse.finetune_out,
+               "staged.out": params.staged.out, "deploy.out": params.deploy.out}
     resolved = {key: Path(value).resolve() for key, value in outputs.items()}
     for key, folder in resolved.items():
         if folder == root or root.is_relative_to(folder) or any(

@@ -74,7 +74,7 @@ def test_checkpoint_with_weights_that_do_not_fit(model, tmp_path):
     path = tmp_path / "best.pt"
     torch.save({"model": state, "model_params": {"backbone": "vgg11_bn", "fc67": False},
                 "num_classes": 19, "epoch": 3}, path)
-    with pytest.raises(DataError, match="weights do not fit FCN8s/vgg11_bn") as info:
+    with pytest.raises(DataError, match="weights do not fit fcn8s/vgg11_bn") as info:
         load_model(path, ModelParams())
     assert "score_pool3.weight" in str(info.value)
 
@@ -243,7 +243,7 @@ def test_checkpoint_shapes_are_checked_against_the_architecture_in_one_line(mode
     with pytest.raises(DataError) as error:
         load_model(path)
     message = str(error.value)
-    assert message == (f"{path}: weights do not fit FCN8s/vgg11_bn (fc67=False): 1 tensor(s) of "
+    assert message == (f"{path}: weights do not fit fcn8s/vgg11_bn: 1 tensor(s) of "
                        "another shape, e.g. score_pool4.weight is [19, 256, 1, 1] in the file, "
                        "[19, 512, 1, 1] in the model")
     assert all(device == "meta" for device in built)  # nothing real was allocated

@@ -78,6 +78,38 @@ def test_a_checkpoint_with_fc67_initialises_a_model_without_and_says_what_it_lef
     assert report.fresh == ["score_pool5.weight"] and "score_pool5.bias" in report.loaded
 
 
+@pytest.mark.parametrize(("source_arch", "target_arch", "fresh"), [
+    ("fcn32s", "fcn16s", ["score_pool4.weight", "score_pool4.bias", "up_pool5.weight",
+                          "up_final.weight"]),
+    ("fcn16s", "fcn8s", ["score_pool3.weight", "score_pool3.bias", "up_pool4.weight",
+                         "up_final.weight"]),
+])
+def test_staged_initialisation_loads_the_coarser_arch_and_leaves_the_new_skip_fresh(
+        tmp_path, source_arch, target_arch, fresh):
+    """The paper's staged training (32s -> 16s -> 8s): everything of the coarser model loads
+    but its last upsampling (another kernel: x32 -> x16 -> x8); the new skip's score layer
+    stays zero and its upsampling bilinear, so the new model's first scores are the coarser
+    one's own (upsampled by bilinear kernels instead of its learnt one)."""
+    torch.manual_seed(3)
+    source = FCN8s("vgg11_bn", 19, arch=source_arch)
+    with torch.no_grad():
+        for name, tensor in source.state_dict().items():
+            if tensor.is_floating_point() and not name.endswith("running_var"):
+                tensor.normal_()
+    path = save_checkpoint(tmp_path / "last.pt", source, ModelParams(arch=source_arch))
+    target = FCN8s("vgg11_bn", 19, arch=target_arch)
+    built = {k: v.clone() for k, v in target.state_dict().items()}
+    report = ckpt.initialise_from(target, path, ModelParams(arch=target_arch))
+    assert sorted(report.fresh) == sorted(fresh)
+    assert report.unused == ["up_final.weight"]
+    assert sorted(report.loaded) == sorted(k for k in source.state_dict() if k != "up_final.weight")
+    after, theirs = target.state_dict(), source.state_dict()
+    assert all(torch.equal(after[k], theirs[k]) for k in report.loaded)
+    assert all(torch.equal(after[k], built[k]) for k in report.fresh)
+    new_score = next(k for k in fresh if k.startswith("score") and k.endswith("weight"))
+    assert torch.count_nonzero(after[new_score]) == 0
+
+
 def test_another_backbone_is_refused_in_one_line(tmp_path):
     path = save_checkpoint(tmp_path / "vgg13.pt", FCN8s("vgg13", 19),
                            ModelParams(backbone="vgg13"))
@@ -85,7 +117,7 @@ def test_another_backbone_is_refused_in_one_line(tmp_path):
         ckpt.initialise_from(FCN8s("vgg11_bn", 19), path, ModelParams())
     message = str(error.value)
     assert "\n" not in message and message.startswith(str(path))
-    assert "FCN8s/vgg13" in message and "vgg11_bn" in message
+    assert "fcn8s/vgg13" in message and "vgg11_bn" in message
 
 
 def test_a_file_that_is_no_checkpoint_of_ours_is_refused_in_one_line(tmp_path):

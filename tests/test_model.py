@@ -1,4 +1,4 @@
-"""FCN8s: output size for any input, bilinear-initialised upsampling, zero-initialised scores,
+"""The FCN family (32s, 16s, 8s): output size for any input, bilinear-initialised upsampling, zero-initialised scores,
 backbone weights from a path, and the clear error for missing ImageNet weights."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_pool_taps_are_found_from_the_pooling_layers():
         assert channels == [256, 512, 512]
 
 
-@pytest.mark.parametrize("factor", [2, 8])
+@pytest.mark.parametrize("factor", [2, 8, 16, 32])
 def test_transposed_convolutions_reproduce_bilinear_upsampling_inside(factor):
     torch.manual_seed(0)
     x = torch.rand(1, 4, 9, 13)
@@ -123,3 +123,49 @@ def test_backbone_weights_with_pickled_code_are_refused_in_one_line(tmp_path):
     assert message.startswith(f"{path}: backbone weights: refused: it holds a pickled Python "
                               "object (test_model._Code)")
     assert "\n" not in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("arch", ["fcn32s", "fcn16s", "fcn8s"])
+@pytest.mark.parametrize("backbone", ["vgg11_bn", "vgg16"])
+def test_each_arch_keeps_the_input_size_and_starts_at_zero(arch, backbone):
+    """Every arch on every kind of VGG: output of the input's size, zero logits before
+    training (zero score layers), and only the skips the paper gives it."""
+    torch.manual_seed(0)
+    model = FCN8s(backbone, num_classes=5, arch=arch).eval()
+    skips = {"fcn32s": [], "fcn16s": ["score_pool4", "up_pool5"],
+             "fcn8s": ["score_pool4", "up_pool5", "score_pool3", "up_pool4"]}[arch]
+    names = {name.split(".")[0] for name, _ in model.named_children()}
+    assert names == {"to_pool3", "to_pool4", "to_pool5", "head", "score_pool5", "up_final",
+                     *skips}
+    factor = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}[arch]
+    assert model.up_final.stride == (factor, factor)
+    assert model.up_final.kernel_size == (2 * factor, 2 * factor)
+    with torch.no_grad():
+        assert torch.count_nonzero(model(torch.rand(1, 3, 40, 40))) == 0
+        for layer in [model.score_pool5, *(getattr(model, s) for s in skips
+                                           if s.startswith("score"))]:
+            layer.weight.normal_()
+        for height, width in ((33, 47), (97, 31)):
+            out = model(torch.rand(2, 3, height, width))
+            assert out.shape == (2, 5, height, width) and out.abs().sum() > 0
+
+
+def test_fcn32s_is_the_stride_32_scores_upsampled_bilinearly():
+    """FCN-32s's whole head is score_pool5 then ×32 bilinear (as initialised): the logits are
+    the scores at stride 32 upsampled, the paper's baseline."""
+    torch.manual_seed(0)
+    model = FCN8s("vgg11", num_classes=3, arch="fcn32s").eval()
+    with torch.no_grad():
+        model.score_pool5.weight.normal_()
+        x = torch.rand(1, 3, 128, 192)
+        scores = model.score_pool5(model.to_pool5(model.to_pool4(model.to_pool3(
+            (x - model.mean) / model.std))))
+        assert scores.shape[-2:] == (4, 6)
+        reference = F.interpolate(scores, scale_factor=32, mode="bilinear", align_corners=False)
+        inner = (..., slice(32, -32), slice(32, -32))  # the border fades, as for ×2 and ×8
+        torch.testing.assert_close(model(x)[inner], reference[inner], rtol=0, atol=1e-5)
+
+
+def test_an_unknown_arch_is_refused():
+    with pytest.raises(ValueError, match="unknown arch 'fcn4s'"):
+        FCN8s("vgg11", arch="fcn4s")

@@ -148,6 +148,8 @@ def test_the_params_check_prints_a_header_then_one_line_per_problem(tmp_path):
                                            "'data/generated' overlap"),
     ({"export": {"out": "models/export"}}, "train.out, export.out: 'models' and 'models/export' "
                                           "overlap"),
+    ({"deploy": {"out": "models/deploy"}}, "train.out, deploy.out: 'models' and 'models/deploy' "
+                                          "overlap"),
 ])
 def test_output_folders_that_would_replace_the_dataset_or_each_other_are_refused(sections,
                                                                                  words):
@@ -211,6 +213,8 @@ def test_schema_accepts_the_committed_params_and_the_defaults():
     ("masks", "encodings", ["depth"]),      # list items checked
     ("train", "class_weights", "heavy"),    # neither a list nor null
     ("model", "backbone", "resnet50"),      # derived from fcn.params.BACKBONES
+    ("deploy", "int8_calibration", "val"),  # the split the int8 check scores
+    ("deploy", "int8_method", "kl"),        # derived from fcn.params.INT8_METHODS
 ])
 def test_schema_refuses_what_the_loader_refuses(section, key, value):
     raw = default_params_dict()

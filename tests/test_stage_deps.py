@@ -80,8 +80,9 @@ def required_units(script: Path) -> set[str]:
     return units
 
 
-PIPELINES = ("dvc.yaml", "recipes/coarse_to_fine.yaml")
-"""The default pipeline, and the coarse -> fine one `make coarse` activates."""
+PIPELINES = ("dvc.yaml", "recipes/coarse_to_fine.yaml", "recipes/staged.yaml")
+"""The default pipeline, the coarse -> fine one `make coarse` activates, and the staged one
+(`make staged`)."""
 
 
 def stages(pipeline: str = "dvc.yaml") -> dict[str, dict]:
@@ -140,11 +141,13 @@ def test_editing_the_benchmark_reruns_only_the_benchmark_stage() -> None:
     assert users == ["benchmark"]
 
 
-def test_the_coarse_pipeline_runs_the_default_pipelines_scripts_with_the_same_code_deps() -> None:
-    """Its stages are the masks and train scripts with other arguments: their code deps are
-    the default stages' (so one edit reruns both pipelines' stages alike)."""
+@pytest.mark.parametrize("recipe", PIPELINES[1:])
+def test_the_recipes_run_the_default_pipelines_scripts_with_the_same_code_deps(recipe: str
+                                                                                ) -> None:
+    """Their stages are the masks and train scripts with other arguments: their code deps are
+    the default stages' (so one edit reruns every pipeline's stages alike)."""
     default = stages()
-    for name, stage in stages("recipes/coarse_to_fine.yaml").items():
+    for name, stage in stages(recipe).items():
         twin = {"coarse_masks": "masks"}.get(name, "train")
         assert script_of(stage) == script_of(default[twin]), name
         assert declared_units(stage) == declared_units(default[twin]), name

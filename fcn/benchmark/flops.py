@@ -1,4 +1,4 @@
-"""FLOPs of one FCN8s forward pass: analytic (from the layer shapes) and counted by PyTorch.
+"""FLOPs of one forward pass of an FCN (32s, 16s, 8s): analytic (from the layer shapes) and counted by PyTorch.
 
 Why both: the analytic count documents where the work is (and needs no tensors at all), the
 counted one (`torch.utils.flop_counter.FlopCounterMode`) is what PyTorch's own tooling reports;
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.model import STRIDE, FCN8s
+from fcn.model import FCN, STRIDE
 from fcn.params import ModelParams
 
 
@@ -93,11 +93,13 @@ def _transposed(module: nn.ConvTranspose2d, shape: tuple[int, int, int]
     return macs, (module.out_channels, oh, ow)
 
 
-def analytic_flops(model: FCN8s, height: int, width: int) -> FlopCount:
+def analytic_flops(model: FCN, height: int, width: int) -> FlopCount:
     """The FLOPs of `model` on one height×width image, from layer shapes alone (no tensors).
 
-    Follows FCN8s.forward: normalise, pad to a multiple of 32, backbone to pool3/pool4/pool5
-    (+ fc6/fc7 when present), three 1×1 score layers, three transposed convolutions, two adds.
+    Follows FCN.forward: normalise, pad to a multiple of 32, backbone to pool3/pool4/pool5
+    (+ fc6/fc7 when present), then per arch: FCN-8s three 1×1 score layers, three transposed
+    convolutions, two adds; FCN-16s two, two, one; FCN-32s one score layer and one ×32
+    transposed convolution.
     """
     ph, pw = height + (-height % STRIDE), width + (-width % STRIDE)
     walker = _Walker(3, ph, pw)
@@ -110,15 +112,22 @@ def analytic_flops(model: FCN8s, height: int, width: int) -> FlopCount:
     walker.layer(model.head)
     pool5 = walker.shape
     classes = model.num_classes
-    score = 0
-    for layer, (c, h, w) in ((model.score_pool5, pool5), (model.score_pool4, pool4),
-                             (model.score_pool3, pool3)):
-        score += layer.out_channels * c * h * w  # 1×1 convolutions
-    up5, _ = _transposed(model.up_pool5, (classes, *pool5[1:]))  # stride 32 → 16
-    up4, _ = _transposed(model.up_pool4, (classes, *pool4[1:]))  # stride 16 → 8
-    up8, _ = _transposed(model.up_final, (classes, *pool3[1:]))  # stride 8 → 1
-    adds = classes * (pool4[1] * pool4[2] + pool3[1] * pool3[2])
-    return FlopCount(conv_macs=walker.conv + score, transposed_macs=up5 + up4 + up8,
+    # (score layer, its input, the upsampling it feeds or None) from the coarsest skip down
+    skips = [(model.score_pool5, pool5)]
+    if model.arch != "fcn32s":
+        skips.append((model.score_pool4, pool4))
+    if model.arch == "fcn8s":
+        skips.append((model.score_pool3, pool3))
+    score = sum(layer.out_channels * c * h * w for layer, (c, h, w) in skips)  # 1×1 convs
+    ups = [getattr(model, name) for name in ("up_pool5", "up_pool4")[: len(skips) - 1]]
+    ups.append(model.up_final)
+    transposed = adds = 0
+    for up, (_, (_, h, w)) in zip(ups, skips):  # each upsamples its skip's summed scores
+        macs, _ = _transposed(up, (classes, h, w))
+        transposed += macs
+    for _, (_, h, w) in skips[1:]:
+        adds += classes * h * w
+    return FlopCount(conv_macs=walker.conv + score, transposed_macs=transposed,
                      other_ops=walker.other + adds)
 
 
@@ -130,7 +139,7 @@ def counted_flops(params: ModelParams, height: int, width: int, batch_size: int 
     milliseconds and no memory.
     """
     with torch.device("meta"):
-        model = FCN8s(params.backbone, num_classes, params.fc67, params.fc_channels).eval()
+        model = FCN.from_params(params, num_classes).eval()
         images = torch.empty(batch_size, 3, height, width)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

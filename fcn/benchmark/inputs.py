@@ -13,7 +13,7 @@ from torch import nn
 from fcn.backends import math_mode
 from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.device import autocast, to_model_input
-from fcn.model import FCN8s
+from fcn.model import FCN, score_layers
 from fcn.params import BenchmarkParams, ModelParams
 from fcn.synthetic import make_scene, render_image
 
@@ -40,19 +40,20 @@ def to_input(images: np.ndarray, device: torch.device, channels_last: bool) -> t
 
 @torch.no_grad()
 def trained_like_model(params: ModelParams, image: np.ndarray, seed: int,
-                       num_classes: int = NUM_CLASSES) -> FCN8s:
-    """A seeded FCN8s whose predictions vary like a trained one's, for the agreement check.
+                       num_classes: int = NUM_CLASSES) -> FCN:
+    """A seeded FCN (the arch `params` names) whose predictions vary like a trained one's, for the
+    agreement check.
 
-    A fresh FCN8s predicts one class everywhere (score layers start at zero). Here the backbone
+    A fresh FCN predicts one class everywhere (score layers start at zero). Here the backbone
     keeps its random initialisation, the score layers are random, and batch-norm statistics are
     measured on `image` (downscaled), so every layer sees unit-scale activations as in a trained
     network. Its logit margins are smaller than a trained model's, so its agreement figures are
     a pessimistic bound: benchmark.weights can point at a real checkpoint instead.
     """
     torch.manual_seed(seed)
-    model = FCN8s(params.backbone, num_classes, params.fc67, params.fc_channels)
+    model = FCN.from_params(params, num_classes)
     gen = torch.Generator().manual_seed(seed)
-    for layer in (model.score_pool5, model.score_pool4, model.score_pool3):
+    for layer in score_layers(model):
         layer.weight.normal_(0, layer.in_channels ** -0.5, generator=gen)
         layer.bias.normal_(0, 0.1, generator=gen)
     x = to_input(image[None], torch.device("cpu"), False)
@@ -71,7 +72,7 @@ def trained_like_model(params: ModelParams, image: np.ndarray, seed: int,
     return model
 
 
-def load_weights(params: BenchmarkParams, model_params: ModelParams, image: np.ndarray) -> FCN8s:
+def load_weights(params: BenchmarkParams, model_params: ModelParams, image: np.ndarray) -> FCN:
     """The model every configuration times: trained-like, or a training checkpoint."""
     if params.weights == "trained_like":
         return trained_like_model(model_params, image, params.seed)
@@ -81,7 +82,7 @@ def load_weights(params: BenchmarkParams, model_params: ModelParams, image: np.n
 
 
 @torch.inference_mode()
-def predict_classes(model: FCN8s, images: np.ndarray, device: torch.device, precision: str,
+def predict_classes(model: FCN, images: np.ndarray, device: torch.device, precision: str,
                     channels_last: bool) -> torch.Tensor:
     """Argmax class maps (N, H, W) of `model` on uint8 images at one precision and layout, in
     this process (the agreement check outside the timed workers). On a CPU without native

@@ -44,7 +44,7 @@ from fcn.train.loop import (NonFiniteLossError, PassResult, build_criterion, bui
 from fcn.cityscapes import layout
 from fcn.cityscapes.labels import CLASS_NAMES, NUM_CLASSES
 from fcn.metrics import class_scores, summary
-from fcn.model import build_model
+from fcn.model import build_model, describe
 from fcn.params import ModelParams, TrainParams
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def _fit(model_params: ModelParams, t: TrainParams, root: Path, generated: Path,
     else:
         log.info("training %s on %s x%d: %d images (%s) / %d val images, batch %d x %d "
                  "accumulated x %d processes, %d optimizer steps per epoch, %d in all; epochs "
-                 "%d..%d", model_params.backbone, device, context.world_size,
+                 "%d..%d", describe(model_params), device, context.world_size,
                  len(train_loader.dataset), "+".join(t.splits), len(val_loader.dataset),
                  t.batch_size, t.accumulate, context.world_size, per_epoch, total_steps,
                  start_epoch + 1, epochs)

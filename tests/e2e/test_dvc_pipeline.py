@@ -453,10 +453,11 @@ COARSE_OUTPUTS = ("models_coarse", "models_finetune", "metrics/coarse/pretrain/m
                   "metrics/coarse/masks.json")
 
 
-def _make_coarse(repo: Path) -> subprocess.Popen:
-    """`make coarse` in the copy, with this interpreter's venv (already installed: -o)."""
+def _make_coarse(repo: Path, target: str = "coarse") -> subprocess.Popen:
+    """`make coarse` (or another recipe's target) in the copy, with this interpreter's venv
+    (already installed: -o)."""
     venv = Path(sys.executable).parent.parent
-    return subprocess.Popen(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "coarse"],
+    return subprocess.Popen(["make", "-o", f"{venv}/.installed", f"VENV={venv}", target],
                             cwd=repo, env=environment(repo), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -535,3 +536,41 @@ def test_coarse_to_fine_runs_in_one_command_and_a_killed_run_resumes_bit_identic
                      for step in range(EPOCHS)], steps
     # the default pipeline is untouched by all this
     assert ran_stages(dvc(repo, "repro").output) == set()
+
+
+def test_staged_fcn32s_16s_8s_runs_in_one_command_each_step_from_the_last(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    """Issue 24: `make staged` trains FCN-32s, then FCN-16s from its last.pt, then FCN-8s from
+    FCN-16s's, each a cached stage of its own arch; every step loads exactly the coarser
+    model's tensors but its last upsampling, and `dvc plots show` draws the three curves."""
+    _skip_if_missing(pipeline.repo, *PIPELINE)
+    repo = tmp_path / "project"
+    shutil.copytree(pipeline.repo, repo, symlinks=True)
+    set_param(repo, "staged.epochs", 1)
+    commit_all(repo, "staged, tiny")
+
+    run = _make_coarse(repo, "staged")
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-3000:]
+    steps = ("fcn32s", "fcn16s", "fcn8s")
+    assert {name.split(":")[-1] for name in ran_stages(output)} == {
+        f"staged_{arch}" for arch in steps}, output[-3000:]  # the default stages were done
+    for coarser, (new_score, new_up) in (("fcn32s", ("score_pool4", "up_pool5")),
+                                         ("fcn16s", ("score_pool3", "up_pool4"))):
+        assert re.search(rf"train\.init: \d+ tensors loaded from models_staged/{coarser}/"
+                         rf"last\.pt; 4 left as built \({new_score}\.weight, {new_score}\.bias, "
+                         rf"{new_up}\.weight, up_final\.weight\); 1 of the checkpoint's unused "
+                         rf"\(up_final\.weight\)", output), output[-3000:]
+    import torch
+
+    for arch in steps:
+        best = torch.load(repo / "models_staged" / arch / "best.pt", map_location="cpu",
+                          weights_only=True)
+        assert best["model_params"]["arch"] == arch
+        assert json.loads((repo / "metrics/staged" / arch / "metrics.json").read_text())
+    shown = json.loads(dvc(repo, "plots", "show", "--json", "pipelines/staged/dvc.yaml").stdout)
+    curve = shown["data"]["Staged FCN-32s -> 16s -> 8s, val mIoU"][0]["content"]["data"]["values"]
+    assert sorted(row["filename"].split("/")[0] for row in curve) == sorted(steps)
+    again = _make_coarse(repo, "staged")  # cached: nothing reruns
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and ran_stages(output) == set(), output[-3000:]

@@ -36,7 +36,7 @@ from fcn.cityscapes.labels import NUM_CLASSES
 from fcn.cityscapes.layout import ENCODINGS, list_images
 from fcn.images import read_size
 from fcn.masks.generate import generate
-from fcn.model import FCN8s
+from fcn.model import FCN, score_layers
 from fcn.params import ModelParams, Params, SynthesizeParams, load_params
 from fcn.predict.evaluate import evaluate_model
 from fcn.predict.predictor import Predictor
@@ -51,12 +51,13 @@ SMOKE_DATA = SynthesizeParams(seed=0, height=64, width=128, train_cities=["aache
 
 
 def random_checkpoint(path: Path, params: ModelParams, seed: int) -> Path:
-    """A checkpoint of a seeded random FCN8s (random score layers too, so it predicts more than
-    one class) with the keys best.pt has, written where `load_model` reads it."""
+    """A checkpoint of a seeded random FCN of `params`' arch (random score layers too, so it
+    predicts more than one class) with the keys best.pt has, written where `load_model` reads
+    it."""
     torch.manual_seed(seed)
-    model = FCN8s(params.backbone, NUM_CLASSES, params.fc67, params.fc_channels)
+    model = FCN.from_params(params, NUM_CLASSES)
     with torch.no_grad():
-        for layer in (model.score_pool3, model.score_pool4, model.score_pool5):
+        for layer in score_layers(model):
             layer.weight.normal_(0, 0.01)
     save(path, {"format": FORMAT, "model": model.state_dict(),
                 "model_params": dataclasses.asdict(params), "num_classes": NUM_CLASSES,

@@ -284,7 +284,8 @@ def deploy_stage(checkpoint: str | Path, root: str | Path, generated: str | Path
     `root` against the labelIds masks under `generated`, time, then write the folder
     `params.out` (model.onnx, model_int8.onnx) whole, `metrics` (the check: the same bytes for
     the same model) and `latency_file` (this machine's timings, kept apart). A model below its
-    floor raises DeployError and nothing is written. Every input file's header (val images,
+    floor raises DeployError and nothing is written; a `params.out` holding files of its own is
+    refused before any work (the folder is replaced whole). Every input file's header (val images,
     their masks, the calibration images) is checked before the slow export. Returns the
     check's figures and the timings together."""
     import onnxruntime
@@ -300,6 +301,12 @@ def deploy_stage(checkpoint: str | Path, root: str | Path, generated: str | Path
         for path in calibration:
             read_size(path, "image", max_pixels)
     out = Path(params.out)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (FP32_FILE, INT8_FILE)) \
+        if out.is_dir() else []
+    if foreign:  # the folder is replaced whole: never one this stage did not fill
+        raise DataError(f"{out}: deploy.out holds {len(foreign)} file(s) the deploy stage did not "
+                        f"write (e.g. {foreign[0]}), and the stage replaces the folder whole; "
+                        "choose a new or empty folder")
     if params.threads:
         torch.set_num_threads(params.threads)
     with atomic_dir(out) as folder:

@@ -113,7 +113,7 @@ class FolderFrames(FrameSource):
         self.max_pixels = max_pixels
 
     def keys(self) -> Iterator[Path]:
-        return iter(self.files)
+        yield from self.files
 
     def load(self, key: Path) -> np.ndarray:
         return self._check_size(read_rgb(key, "frame", self.max_pixels), str(key))
@@ -125,14 +125,15 @@ class VideoFrames(FrameSource):
     inside it)."""
 
     def keys(self) -> Iterator[tuple[int, np.ndarray]]:
-        index = 0
+        index = 0  # the frame being decoded: the one an error names
         try:
             with av.open(str(self.path)) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"  # FFmpeg's frame threads: decoding keeps up
-                for index, frame in enumerate(container.decode(stream)):
+                for frame in container.decode(stream):
                     array = frame.to_ndarray(format="rgb24")
                     yield index, self._check_size(array, f"{self.path}: frame {index}")
+                    index += 1
         except av.FFmpegError as exc:
             raise DataError(f"{self.path}: cannot decode video frame {index} "
                             f"({_reason(exc)})") from None

@@ -37,6 +37,7 @@ def main() -> None:
     if needs_launch(train.nproc, train.max_restarts):
         sys.exit(relaunch(train.nproc, __file__, sys.argv[1:], max_restarts=train.max_restarts))
     identity = sections_dict(params, "data", "synthesize")
+    del identity["synthesize"]["sequence_frames"]  # the video frames: nothing trains on them
     if args.phase:  # which coarse masks it reads (the phase's own fields are in `train`)
         identity["coarse"] = {"generated": params.coarse.generated, "splits": params.coarse.splits}
     fit(model, train, params.data.root, params.data.generated,

@@ -21,6 +21,7 @@ from fcn.errors import DataError
 from fcn.model import FCN, score_layers
 from fcn.params import ModelParams
 from fcn.predict.predictor import Predictor
+from fcn.quantize import quantize_int8
 from helpers.eval_data import save_checkpoint
 
 COARSER = ("fcn32s", "fcn16s")  # FCN-8s: every other test of the suite
@@ -54,7 +55,7 @@ def test_a_checkpoint_rebuilds_its_arch_and_refuses_params_for_another(checkpoin
                                 "params.yaml says model.arch='fcn8s'")
 
 
-def test_the_onnx_export_of_each_arch_runs_like_pytorch(checkpoint, tmp_path):
+def test_the_onnx_export_and_int8_model_of_each_arch_run_like_pytorch(checkpoint, tmp_path):
     _, _, model = checkpoint
     path = tmp_path / "model.onnx"
     export_onnx(model, path, 18)
@@ -67,6 +68,16 @@ def test_the_onnx_export_of_each_arch_runs_like_pytorch(checkpoint, tmp_path):
     agreement = Agreement()
     agreement.add(reference, exported)
     assert agreement.max_abs_logit_diff < 1e-4 and agreement.fraction >= 0.9999
+    # and its int8 model (per-channel weights of the x32/x16 transposed convolutions too)
+    rng = np.random.default_rng(2)
+    calibration = [to_input(rng.integers(0, 256, (1, 64, 96, 3), dtype=np.uint8))
+                   for _ in range(2)]
+    quantize_int8(path, tmp_path / "model_int8.onnx", calibration)
+    int8 = session(tmp_path / "model_int8.onnx", threads=1).run(["logits"], {"images": x})[0]
+    assert int8.shape == reference.shape
+    quantised = Agreement()
+    quantised.add(reference, int8)
+    assert quantised.fraction >= 0.9, quantised  # random weights: small margins, yet close
 
 
 def test_fcn_predict_rebuilds_the_arch_from_the_checkpoint(tmp_path):

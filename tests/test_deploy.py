@@ -269,3 +269,21 @@ def test_missing_ground_truth_or_calibration_split_is_refused_before_the_export(
         deploy_stage(data.checkpoint, data.root, data.generated, ModelParams(),
                      _params(tmp_path, int8_calibration="train_extra"), tmp_path / "d.json")
     assert not (tmp_path / "d.json").exists() and not (tmp_path / "deploy").exists()
+
+
+def test_a_deploy_folder_holding_other_files_is_refused_and_kept(data, tmp_path, monkeypatch):
+    """deploy.out is replaced whole: a folder with files the stage did not write (a careless
+    `deploy.out: metrics`) is refused before any work, and nothing in it is touched."""
+    monkeypatch.setattr(deploy, "export_onnx", _never)
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"ours")
+    (out / "notes.txt").write_text("not ours")
+    with pytest.raises(DataError) as error:
+        deploy_stage(data.checkpoint, data.root, data.generated, ModelParams(),
+                     _params(tmp_path), tmp_path / "d.json")
+    assert str(error.value) == (f"{out}: deploy.out holds 1 file(s) the deploy stage did not "
+                                "write (e.g. notes.txt), and the stage replaces the folder "
+                                "whole; choose a new or empty folder")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt"]
+    assert (out / "model.onnx").read_bytes() == b"ours" and not (tmp_path / "d.json").exists()

@@ -81,7 +81,7 @@ def write_figure(results: dict[str, Any], path: str | Path,
     ax_lat.set_yticks(list(ys), names, fontsize=8)
     ax_lat.invert_yaxis()
     protocol = results["protocol"]
-    title = (f"{results['model'].get('arch', 'fcn8s')}/{results['model']['backbone']} inference at {protocol['height']}x"
+    title = (f"{results['model']['arch']}/{results['model']['backbone']} inference at {protocol['height']}x"
              f"{protocol['width']} on {device_label(results)}")
     fig.suptitle(title, fontsize=10)
     if skipped:

@@ -187,8 +187,9 @@ def render_video(predictor: Predictor, source: FrameSource, out: str | Path,
     `params.batch_size`, read `params.workers` ahead: memory stays flat whatever the length."""
     beside = params.video_side_by_side
     width = 2 * source.width + VIDEO_GAP if beside else source.width
-    with Mp4Writer(out, width, source.height, fps, params.video_crf) as writer:
-        stream = predict_stream(predictor, source.keys(), lambda key: (source.load(key), None),
+    with Mp4Writer(out, width, source.height, fps, params.video_crf) as writer, \
+            contextlib.closing(source.keys()) as keys:  # a video closes on any error too
+        stream = predict_stream(predictor, keys, lambda key: (source.load(key), None),
                                 params.batch_size, params.workers)
         for _, image, _, train_ids, _ in tqdm(stream, total=source.count, desc="video",
                                               unit="frame"):

@@ -29,7 +29,7 @@ from fcn.params import BenchmarkParams, ModelParams
 TINY = BenchmarkParams(profile="quick", device="cpu", height=64, width=128, precisions=["fp32"],
                        channels_last=[False], threads=1, quick_batch_sizes=[1], quick_warmup=1,
                        quick_iters=5, quick_compile=[False], window=[32, 64], stride=[24, 48],
-                       matmul_size=256)
+                       matmul_size=256, int8=False)  # the configurations measured before int8
 
 
 def main(argv: Sequence[str] | None = None) -> None:

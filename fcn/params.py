@@ -640,6 +640,15 @@ def sections_dict(params: Params, *names: str) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(getattr(params, name)) for name in names}
 
 
+def data_identity(params: Params) -> dict[str, dict[str, Any]]:
+    """What names the data a run of the train stage reads, for its resume hash: the data and
+    synthesize sections, less synthesize.sequence_frames (video frames nothing trains on), so
+    that setting it neither restarts a killed run nor retrains a finished one."""
+    identity = sections_dict(params, "data", "synthesize")
+    del identity["synthesize"]["sequence_frames"]
+    return identity
+
+
 def default_params_dict() -> dict[str, Any]:
     """The defaults as plain data (what a fresh params.yaml holds)."""
     return dataclasses.asdict(Params())

@@ -7,7 +7,7 @@ staged pipeline (recipes/staged.yaml): that arch with the staged.* fields."""
 import sys
 
 from fcn.stage import run_stage, stage_parser
-from fcn.params import PHASES, STAGES, load_params, phase_train, sections_dict, staged_params
+from fcn.params import PHASES, STAGES, data_identity, load_params, phase_train, staged_params
 from fcn.train.distributed import needs_launch, relaunch
 from fcn.train.fit import fit
 
@@ -36,8 +36,7 @@ def main() -> None:
         model, train = staged_params(model, train, params.staged, args.staged)
     if needs_launch(train.nproc, train.max_restarts):
         sys.exit(relaunch(train.nproc, __file__, sys.argv[1:], max_restarts=train.max_restarts))
-    identity = sections_dict(params, "data", "synthesize")
-    del identity["synthesize"]["sequence_frames"]  # the video frames: nothing trains on them
+    identity = data_identity(params)
     if args.phase:  # which coarse masks it reads (the phase's own fields are in `train`)
         identity["coarse"] = {"generated": params.coarse.generated, "splits": params.coarse.splits}
     fit(model, train, params.data.root, params.data.generated,

@@ -202,8 +202,8 @@ def test_best_checkpoint_loads_weights_only_and_rebuilds_the_model(tiny_dataset,
     record = fit_stage(params, tmp_path / "live")
     best = torch.load(tmp_path / "models" / "best.pt", weights_only=True)
     assert {"model", "model_params", "num_classes", "epoch"} <= best.keys()
-    assert best["model_params"] == {"backbone": "vgg11_bn", "weights": "none", "fc67": False,
-                                    "fc_channels": 4096}
+    assert best["model_params"] == {"arch": "fcn8s", "backbone": "vgg11_bn", "weights": "none",
+                                    "fc67": False, "fc_channels": 4096}
     assert best["num_classes"] == 19 and best["epoch"] == 1
     assert best["metrics"]["val/miou"] == record["val/miou"]
     last = torch.load(tmp_path / "models" / "last.pt", weights_only=True)

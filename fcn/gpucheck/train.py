@@ -33,7 +33,7 @@ from fcn.gpucheck.runner import Check, Outcome, Skip
 from fcn.metrics import summary
 from fcn.model import build_model
 from fcn.params import (ModelParams, Params, TrainParams, default_params_dict, parse_params,
-                        sections_dict)
+                        data_identity)
 from fcn.train.data import SegmentationDataset, ShardSampler
 from fcn.train.distributed import Context
 from fcn.train.fit import fit, make_loaders, seed_everything
@@ -399,8 +399,7 @@ def state_folder(params: dict[str, Any]) -> Path:
     from fcn.train import resume
 
     parsed = parse_params(params)
-    hashed = ckpt.hashed_params(parsed.model, parsed.train,
-                                sections_dict(parsed, "data", "synthesize"))
+    hashed = ckpt.hashed_params(parsed.model, parsed.train, data_identity(parsed))
     return resume.state_dir(parsed.train.resume_dir, hashed)
 
 
@@ -580,7 +579,7 @@ def step_loader(check: Check) -> Outcome:
         t = params.train
         start = time.perf_counter()
         record = fit(params.model, t, root, generated, None,
-                     identity=sections_dict(params, "data", "synthesize"), decoded=cache)
+                     identity=data_identity(params), decoded=cache)
         missing = [k for k in keys if k not in record]
         if missing:
             problems.append(f"fit()'s record has no {', '.join(missing)}")

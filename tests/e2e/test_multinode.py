@@ -60,7 +60,7 @@ def test_two_nodes_end_with_the_weights_and_metrics_of_one_node_with_two_process
             handle.close()
     output = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
     assert codes == [0, 0], "\n".join(text[-3000:] for text in output)
-    trained = [text for text in output if "training vgg11_bn on cpu x2" in text]
+    trained = [text for text in output if "training fcn8s/vgg11_bn on cpu x2" in text]
     assert len(trained) == 1, output  # one rank 0 in a world of 2, on one of the nodes
 
     for name in (ckpt.BEST, ckpt.LAST):

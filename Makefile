@@ -44,22 +44,19 @@ repro: install check-params
 	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
-# The coarse -> fine pipeline (recipes/coarse_to_fine.yaml; docs/training.md): put where DVC finds
-# it (kept if already there: commit your copy), then reproduced with what it needs upstream.
-coarse: install check-params
-	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
-	@mkdir -p pipelines/coarse
-	@test -f pipelines/coarse/dvc.yaml || cp recipes/coarse_to_fine.yaml pipelines/coarse/dvc.yaml
-	@cmp -s recipes/coarse_to_fine.yaml pipelines/coarse/dvc.yaml || echo "note: pipelines/coarse/dvc.yaml differs from recipes/coarse_to_fine.yaml (kept)"
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro pipelines/coarse/dvc.yaml
+# The recipe pipelines (docs/training.md): coarse -> fine (recipes/coarse_to_fine.yaml) and the
+# staged FCN-32s -> 16s -> 8s (recipes/staged.yaml). Each is put where DVC finds it,
+# pipelines/<name>/dvc.yaml (kept if already there: commit your copy), then reproduced with
+# what it needs upstream.
+RECIPE_coarse := recipes/coarse_to_fine.yaml
+RECIPE_staged := recipes/staged.yaml
 
-# The staged FCN-32s -> 16s -> 8s pipeline (recipes/staged.yaml; docs/training.md), the same way.
-staged: install check-params
+coarse staged: install check-params
 	@test -d .git || (echo "dvc needs a git repository: run 'git init && git add -A && git commit -m init' first" && exit 1)
-	@mkdir -p pipelines/staged
-	@test -f pipelines/staged/dvc.yaml || cp recipes/staged.yaml pipelines/staged/dvc.yaml
-	@cmp -s recipes/staged.yaml pipelines/staged/dvc.yaml || echo "note: pipelines/staged/dvc.yaml differs from recipes/staged.yaml (kept)"
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro pipelines/staged/dvc.yaml
+	@mkdir -p pipelines/$@
+	@test -f pipelines/$@/dvc.yaml || cp $(RECIPE_$@) pipelines/$@/dvc.yaml
+	@cmp -s $(RECIPE_$@) pipelines/$@/dvc.yaml || echo "note: pipelines/$@/dvc.yaml differs from $(RECIPE_$@) (kept)"
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro pipelines/$@/dvc.yaml
 
 # The offline-plots test renders `dvc plots show` in headless Chromium: install it when missing
 # and we may (root + apt-get); never fail here – without it that test skips and says why.

@@ -136,19 +136,6 @@ class Agreement:
                                       float(np.abs(reference - exported).max()))
 
 
-@torch.inference_mode()
-def check_agreement(model: FCN8s, sess: Any, images: Sequence[Path],
-                    max_pixels: int = MAX_PIXELS) -> Agreement:
-    """PyTorch fp32 vs onnxruntime on each image (one at a time: any size up to
-    `max_pixels`)."""
-    result = Agreement()
-    for path in tqdm(images, desc="deploy check", unit="img"):
-        x = to_input(read_rgb(path, max_pixels=max_pixels)[None])
-        reference = model(torch.from_numpy(x)).numpy()
-        result.add(reference, sess.run([OUTPUT], {INPUT: x})[0])
-    return result
-
-
 @dataclass
 class Check:
     """The val check of every exported model: each one's agreement with PyTorch fp32 and every
@@ -160,23 +147,27 @@ class Check:
 
 @torch.inference_mode()
 def check_runtimes(model: FCN8s, sessions: Mapping[str, Any], images: Sequence[Path],
-                   truths: Sequence[Path], max_pixels: int = MAX_PIXELS) -> Check:
+                   truths: Sequence[Path] | None = None, max_pixels: int = MAX_PIXELS) -> Check:
     """PyTorch fp32 and each session on every val image (one at a time, any size up to
-    `max_pixels`): argmax agreement of each session with PyTorch, and each runtime's val
-    mIoU against the labelIds masks `truths` (one per image), scored by the evaluate stage's
-    scorer (`fcn.cityscapes.scoring`), so the figures compare with metrics/evaluate.json."""
+    `max_pixels`): argmax agreement of each session with PyTorch, and, given the labelIds
+    masks `truths` (one per image), each runtime's val mIoU, scored by the evaluate stage's
+    scorer (`fcn.cityscapes.scoring`), so the figures compare with metrics/evaluate.json
+    (without `truths`: agreement only, `miou` empty)."""
     agreement = {name: Agreement() for name in sessions}
-    scorers = {name: CityscapesEvaluator(instance_scores=False) for name in (TORCH, *sessions)}
-    for path, truth in tqdm(list(zip(images, truths)), desc="deploy check", unit="img"):
+    scorers = {} if truths is None else {
+        name: CityscapesEvaluator(instance_scores=False) for name in (TORCH, *sessions)}
+    pairs = list(zip(images, truths if truths is not None else [None] * len(images)))
+    for path, truth in tqdm(pairs, desc="deploy check", unit="img"):
         x = to_input(read_rgb(path, max_pixels=max_pixels)[None])
-        labels = read_labels(truth, "ground-truth labelIds", max_pixels)
         logits = {TORCH: model(torch.from_numpy(x)).numpy()}
         for name, sess in sessions.items():
             logits[name] = sess.run([OUTPUT], {INPUT: x})[0]
             agreement[name].add(logits[TORCH], logits[name])
-        for name, out in logits.items():
-            scorers[name].add(TRAINID_TO_ID[out[0].argmax(0)], labels,
-                              names=(f"{name} prediction for {path}", str(truth)))
+        if truth is not None:
+            labels = read_labels(truth, "ground-truth labelIds", max_pixels)
+            for name, out in logits.items():
+                scorers[name].add(TRAINID_TO_ID[out[0].argmax(0)], labels,
+                                  names=(f"{name} prediction for {path}", str(truth)))
     return Check(agreement, {name: scorer.scores().class_iou_mean
                              for name, scorer in scorers.items()})
 

@@ -34,6 +34,7 @@ from fcn.images import MAX_PIXELS, read_labels, read_rgb, read_size, read_tensor
 from fcn.masks.generate import generate
 from fcn.params import DataParams, default_params_dict, load_params
 from fcn.synthetic import make_scene
+from helpers.eval_data import predict_in_process as predict
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = REPO / "stages"
@@ -405,17 +406,6 @@ def previous(tmp_path) -> Path:
     (out / "old_labelIds.png").write_bytes(b"an earlier prediction")
     (out / "overlay_old.png").write_bytes(b"its overlay")
     return out
-
-
-def predict(checkpoint: Path, *args: str) -> int:
-    """`fcn-predict` in-process (its main: argument parsing, run_stage's one-line errors)."""
-    from fcn.predict.cli import main
-
-    try:
-        main(["--checkpoint", str(checkpoint), "--device", "cpu", "--workers", "1", *args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize("damage", ["unreadable", "huge header", "truncated data"])

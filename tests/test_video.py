@@ -28,6 +28,7 @@ from fcn.stage import run_stage
 from fcn.synthetic import synthesize
 from fcn.video import (CITYSCAPES_FPS, DEFAULT_CRF, FrameSource, Mp4Writer, frame_files,
                        open_frames)
+from helpers.eval_data import predict_in_process as predict
 from helpers.tiny import TINY, with_changes
 
 FRAMES = 6
@@ -103,17 +104,6 @@ def assert_frames_match(decoded: list[np.ndarray], expected: list[np.ndarray],
                          for d in decoded])
     assert distance.diagonal().max() < tolerance, distance.diagonal()
     assert (distance.argmin(axis=1) == np.arange(len(decoded))).all(), distance
-
-
-def predict(checkpoint: Path, *args: str) -> int:
-    """`fcn-predict` in-process (argument parsing, run_stage's one-line errors)."""
-    from fcn.predict.cli import main
-
-    try:
-        main(["--checkpoint", str(checkpoint), "--device", "cpu", "--workers", "1", *args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def error_lines(caplog) -> list[str]:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcn.cityscapes.labels import NUM_CLASSES
-from fcn.model import FCN, STRIDE
+from fcn.model import FCN, STRIDE, score_layers
 from fcn.params import ModelParams
 
 
@@ -112,12 +112,8 @@ def analytic_flops(model: FCN, height: int, width: int) -> FlopCount:
     walker.layer(model.head)
     pool5 = walker.shape
     classes = model.num_classes
-    # (score layer, its input, the upsampling it feeds or None) from the coarsest skip down
-    skips = [(model.score_pool5, pool5)]
-    if model.arch != "fcn32s":
-        skips.append((model.score_pool4, pool4))
-    if model.arch == "fcn8s":
-        skips.append((model.score_pool3, pool3))
+    # (score layer, its input) from the coarsest skip down: as many as the arch has
+    skips = list(zip(score_layers(model), (pool5, pool4, pool3)))
     score = sum(layer.out_channels * c * h * w for layer, (c, h, w) in skips)  # 1×1 convs
     ups = [getattr(model, name) for name in ("up_pool5", "up_pool4")[: len(skips) - 1]]
     ups.append(model.up_final)

@@ -35,14 +35,14 @@ def step_onnx(check: Check) -> Outcome:
     provider: argmax agreement with PyTorch fp32 >= deploy.min_agreement."""
     import onnxruntime
 
-    from fcn.deploy import check_agreement, session
+    from fcn.deploy import ORT, check_runtimes, session
 
     deploy = DeployParams()
     path, export_s = exported(check)
     root, _, _ = data(check, "small")
     sess = session(path)
-    result = check_agreement(ckpt.load_model(check.artifacts["checkpoint"]), sess,
-                             list_images(root, "val"))
+    result = check_runtimes(ckpt.load_model(check.artifacts["checkpoint"]), {ORT: sess},
+                            list_images(root, "val")).agreement[ORT]
     passed = result.fraction >= deploy.min_agreement
     figures = {"onnxruntime": onnxruntime.__version__, "providers": sess.get_providers(),
                "opset": deploy.opset, "export_s": export_s,
@@ -62,7 +62,7 @@ def step_onnx_cuda(check: Check) -> Outcome:
     import onnxruntime
     import torch
 
-    from fcn.deploy import INPUT, OUTPUT, check_agreement, session, to_input
+    from fcn.deploy import INPUT, ORT, OUTPUT, check_runtimes, session, to_input
 
     available = onnxruntime.get_available_providers()
     if "CUDAExecutionProvider" not in available:
@@ -73,7 +73,7 @@ def step_onnx_cuda(check: Check) -> Outcome:
     sess = session(path, cuda=True)
     used = sess.get_providers()
     root, _, _ = data(check, "small")
-    result = check_agreement(model, sess, list_images(root, "val"))
+    result = check_runtimes(model, {ORT: sess}, list_images(root, "val")).agreement[ORT]
     x = torch.from_numpy(to_input(images(check, "large")[0][None])).to(check.device)
     binding = sess.io_binding()
     binding.bind_input(name=INPUT, device_type="cuda", device_id=check.device.index or 0,

@@ -176,3 +176,15 @@ def eval_data(tmp_path_factory) -> EvalData:
     if "data" not in _CACHE:
         _CACHE["data"] = EvalData(tmp_path_factory.mktemp("evaldata"))
     return _CACHE["data"]  # type: ignore[return-value]
+
+
+def predict_in_process(checkpoint: Path, *args: str) -> int:
+    """`fcn-predict` in-process (its main: argument parsing, run_stage's one-line errors) on
+    the CPU with one worker; its exit code."""
+    from fcn.predict.cli import main
+
+    try:
+        main(["--checkpoint", str(checkpoint), "--device", "cpu", "--workers", "1", *args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
